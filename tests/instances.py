@@ -1,0 +1,119 @@
+"""Split-LP instances shared by the solver tests: topology and EPLB placements, with
+real (DeepSeek-V3 profile) and synthetic loads, plus degenerate ones."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+
+from lplb_plugin import topology
+from lplb_plugin.data import load_profile
+from lplb_plugin.layout import ExpertPlacement
+from lplb_plugin.placement import rebalance_experts
+from lplb_plugin.problem import SplitGraph
+
+
+@dataclass
+class Instance:
+    name: str
+    placement: ExpertPlacement
+    graph: SplitGraph
+    loads: torch.Tensor  # float64 [L]
+
+
+def topology_placements(n_logical: int = 256) -> list[tuple[str, ExpertPlacement]]:
+    """Upstream topologies at the EP sizes the issue names, plus small ones."""
+    out = []
+    for name, r2o, ep, extra in [
+        ("ring8x1-ep8", topology.ring(8), 8, 1),
+        ("ring8x1-ep32", topology.ring(8), 32, 1),
+        ("ring8x1-ep64", topology.ring(8), 64, 1),
+        ("cube-ep8", topology.cube(), 8, 2),
+        ("cube-ep32", topology.cube(), 32, 2),
+        ("cube-ep64", topology.cube(), 64, 2),
+        ("cube-ep32-x2", topology.cube(), 32, 4),
+        ("hypercube-ep16", topology.hypercube(), 16, 2),
+        ("hypercube-ep32", topology.hypercube(), 32, 2),
+        ("torus8x4-ep32", topology.torus_2d(8, 4), 32, 2),
+        ("torus4x4-ep16", topology.torus_2d(4, 4), 16, 2),
+        ("torus8x8-ep64", topology.torus_2d(8, 8), 64, 2),
+    ]:
+        p = ExpertPlacement.from_r2o(r2o, n_logical + ep * extra, n_logical, ep)
+        out.append((name, p))
+    return out
+
+
+def eplb_placements(profile: torch.Tensor) -> list[tuple[str, ExpertPlacement]]:
+    """EPLB placements (hierarchical and global) built on one profile row."""
+    out = []
+    for name, slots, groups, nodes, gpus in [
+        ("eplb-h-ep32-288", 288, 8, 4, 32),
+        ("eplb-g-ep32-288", 288, 1, 1, 32),
+        ("eplb-h-ep64-320", 320, 8, 8, 64),
+        ("eplb-g-ep16-320", 320, 1, 1, 16),
+        ("eplb-g-ep8-264", 264, 1, 1, 8),
+    ]:
+        phy2log, _, _ = rebalance_experts(profile.unsqueeze(0), slots, groups, nodes, gpus)
+        out.append((name, ExpertPlacement.from_phy2log(phy2log[0], gpus, profile.numel())))
+    return out
+
+
+def random_placement(gen: torch.Generator, n_logical: int, n_ranks: int, per_rank: int) -> ExpertPlacement:
+    """Any-number-of-copies placement: every expert once, the rest random (a rank may
+    hold two copies of one expert)."""
+    n_phys = n_ranks * per_rank
+    base = torch.randperm(n_logical, generator=gen)
+    rest = torch.randint(0, n_logical, (n_phys - n_logical,), generator=gen)
+    phy2log = torch.cat([base, rest])[torch.randperm(n_phys, generator=gen)]
+    return ExpertPlacement.from_phy2log(phy2log, n_ranks, n_logical)
+
+
+def sample_batch(gen: torch.Generator, weights: torch.Tensor, tokens: int) -> torch.Tensor:
+    """Multinomial draw of ``tokens`` routed tokens with ``weights`` as probabilities."""
+    idx = torch.multinomial(weights / weights.sum(), tokens, replacement=True, generator=gen)
+    return torch.bincount(idx, minlength=weights.numel()).to(torch.float64)
+
+
+def zipf_loads(gen: torch.Generator, n: int, s: float, total: int) -> torch.Tensor:
+    w = 1.0 / torch.arange(1, n + 1, dtype=torch.float64) ** s
+    w = w[torch.randperm(n, generator=gen)]
+    return sample_batch(gen, w, total)
+
+
+def instances(count: int, seed: int = 0, n_logical: int = 256) -> Iterator[Instance]:
+    """``count`` instances cycling over placements and load kinds, deterministic."""
+    gen = torch.Generator().manual_seed(seed)
+    prefill = load_profile("prefill")
+    decode = load_profile("decode")
+    placements = topology_placements(n_logical) + eplb_placements(decode[5])
+    for i in range(6):
+        placements.append((f"random{i}", random_placement(gen, n_logical, [8, 16, 32, 4, 12, 64][i], [40, 20, 9, 72, 24, 5][i])))
+    graphs = {name: SplitGraph.from_placement(p) for name, p in placements}
+    kinds = ["profile", "profile-drift", "zipf", "zipf-steep", "uniform", "zero", "one-hot", "sparse", "fractional"]
+    for i in range(count):
+        name, p = placements[i % len(placements)]
+        kind = kinds[(i // len(placements)) % len(kinds)]
+        layer = int(torch.randint(0, prefill.shape[0], (1,), generator=gen))
+        tokens = int(torch.randint(512, 65536, (1,), generator=gen)) * 8
+        if kind == "profile":
+            loads = sample_batch(gen, prefill[layer], tokens)
+        elif kind == "profile-drift":
+            loads = sample_batch(gen, decode[layer], tokens)
+        elif kind == "zipf":
+            loads = zipf_loads(gen, n_logical, 1.0, tokens)
+        elif kind == "zipf-steep":
+            loads = zipf_loads(gen, n_logical, 2.0, tokens)
+        elif kind == "uniform":
+            loads = sample_batch(gen, torch.ones(n_logical, dtype=torch.float64), tokens)
+        elif kind == "zero":
+            loads = torch.zeros(n_logical, dtype=torch.float64)
+        elif kind == "one-hot":
+            loads = torch.zeros(n_logical, dtype=torch.float64)
+            loads[int(torch.randint(0, n_logical, (1,), generator=gen))] = tokens
+        elif kind == "sparse":
+            loads = zipf_loads(gen, n_logical, 1.2, 64)
+        else:  # non-integer loads (a cost model, not token counts)
+            loads = torch.rand(n_logical, generator=gen, dtype=torch.float64) ** 3 * 1000
+        yield Instance(f"{name}/{kind}/{i}", p, graphs[name], loads)
