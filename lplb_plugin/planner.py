@@ -28,10 +28,10 @@ from .layout import ExpertPlacement
 from .placement import rebalance_experts
 from .problem import SplitGraph
 from .redirect import copy_fractions, redirect
-from .solvers import METHODS, check_loads, solve_graph
+from .solvers import check_loads, solve_graph
 from .topology import by_name, validate_r2o
 
-__all__ = ["Planner", "SplitPlan", "placement_from_config"]
+__all__ = ["Planner", "SplitPlan", "expert_order_by_load", "placement_from_config"]
 
 
 @dataclass(frozen=True)
@@ -487,6 +487,3 @@ def _check_counter(avail_counter) -> None:
         )
         raise LPLBInputError(f"avail_counter must be an int32 (or int64) scalar tensor, got {got}")
 
-
-# keep METHODS importable from here for callers that pick a solver by name
-__all__ += ["METHODS", "expert_order_by_load"]

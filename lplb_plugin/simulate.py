@@ -225,7 +225,6 @@ def _build_policies(spec: SimulationSpec, place_profile: torch.Tensor) -> list[_
     L, R = spec.n_experts, spec.ep_size
     n_layers = place_profile.shape[0]
     P = L + R * spec.redundant_per_rank
-    cfg = spec.topology_config()
     r2o = by_name(spec.topology, spec.topology_shape)
     topo_label = f"{spec.topology} {r2o.shape[0]}x{r2o.shape[1]}, {P} slots"
     policies: list[_Policy] = []
@@ -246,13 +245,12 @@ def _build_policies(spec: SimulationSpec, place_profile: torch.Tensor) -> list[_
             if solver == "ipm" and "ipm" not in spec.policies:
                 continue
             topo_planners[solver] = [
-                Planner(r2o, P, L, R, solver=solver).__class__.from_placement(
+                Planner.from_placement(
                     ExpertPlacement.from_r2o(r2o, P, L, R, expert_order_by_load(place_profile[i], R)),
                     solver=solver,
                 )
                 for i in range(n_layers)
             ]
-        del cfg
     for name in spec.policies:
         if name == "none":
             policies.append(_Policy(name, f"contiguous, {L} slots", "-", [None] * n_layers))

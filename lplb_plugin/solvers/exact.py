@@ -106,10 +106,8 @@ class _Structure:
         self.slots = self.mult.sum(axis=1)
         self.two_copies = self.K == 2 and bool(self.mask.all())
         self.lipschitz = float(max(np.bincount(self.edge_rank, minlength=self.R).max(initial=1), 1))
-        comp = graph.component.numpy()
-        # ranks sorted by component: contiguous segments for the per-component bound
-        self.component = comp
-        _, self.comp_index = np.unique(comp, return_inverse=True)
+        # dense component ids: the per-component bound sorts ranks by them
+        _, self.comp_index = np.unique(graph.component.numpy(), return_inverse=True)
         self.n_comp = int(self.comp_index.max()) + 1 if self.R else 0
         self.pair_a = np.repeat(np.arange(self.K), self.K)
         self.pair_b = np.tile(np.arange(self.K), self.K)
