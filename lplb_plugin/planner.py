@@ -76,6 +76,7 @@ class Planner:
             caller passes global counts (single process / simulation).
         solver: ``"exact"`` (default), ``"ipm"`` or ``"auto"`` (= exact).
         ipm_max_iters, ipm_tol: IPM options.
+        warn_on_fallback: log a warning when a batch's split is a fallback.
     """
 
     def __init__(
@@ -89,11 +90,12 @@ class Planner:
         solver: str = "exact",
         ipm_max_iters: int = 100,
         ipm_tol: float = 1e-6,
+        warn_on_fallback: bool = True,
     ) -> None:
         r2o = validate_r2o(redundant_to_original)
         ep_size = _resolve_ep_size(ep_size, group)
         placement = ExpertPlacement.from_r2o(r2o, n_routed_experts, n_logical_routed_experts, ep_size)
-        self._init(placement, group, solver, ipm_max_iters, ipm_tol)
+        self._init(placement, group, solver, ipm_max_iters, ipm_tol, warn_on_fallback)
         self.r2o = r2o
         self.group_size, self.num_redundants = r2o.shape
         self.n_group = ep_size // self.group_size
@@ -112,6 +114,7 @@ class Planner:
         solver: str = "exact",
         ipm_max_iters: int = 100,
         ipm_tol: float = 1e-6,
+        warn_on_fallback: bool = True,
     ) -> "Planner":
         """A planner for any placement (e.g. from EPLB).  ``n_group`` is the number of
         connected components of its replica graph; the upstream stage methods that
@@ -124,7 +127,7 @@ class Planner:
                 f"group has {_group_size(group)} ranks but the placement has n_ranks={placement.n_ranks}"
             )
         self = cls.__new__(cls)
-        self._init(placement, group, solver, ipm_max_iters, ipm_tol)
+        self._init(placement, group, solver, ipm_max_iters, ipm_tol, warn_on_fallback)
         self.r2o = None
         self.group_size = placement.n_ranks
         self.num_redundants = None
@@ -159,11 +162,12 @@ class Planner:
         planner = cls.from_placement(
             placement, group, solver=config.resolved_solver,
             ipm_max_iters=config.ipm.max_iters, ipm_tol=config.ipm.tol,
+            warn_on_fallback=config.warn_on_fallback,
         )
         planner._config = config
         return planner
 
-    def _init(self, placement, group, solver, ipm_max_iters, ipm_tol) -> None:
+    def _init(self, placement, group, solver, ipm_max_iters, ipm_tol, warn_on_fallback) -> None:
         if solver == "auto":
             solver = "exact"
         if solver not in ("exact", "ipm"):
@@ -171,6 +175,7 @@ class Planner:
         self.group = group
         self.solver = solver
         self._solver_options = {"max_iters": ipm_max_iters, "tol": ipm_tol} if solver == "ipm" else {}
+        self._solver_options["warn"] = bool(warn_on_fallback)
         self._config = None
         self._set_placement(placement)
 
