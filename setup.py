@@ -28,7 +28,9 @@ setup(
         # framework adapters (installed separately on Python 3.11: see docs)
         "megatron": ["megatron-core>=0.16.1"],
         "deepspeed": ["deepspeed>=0.19.4"],
+        # NVSHMEM count reduction (lplb.stats.comm: nvshmem): pick your CUDA major
         "nvshmem": ["nvshmem4py-cu12>=0.4"],
+        "nvshmem-cu13": ["nvshmem4py-cu13>=0.4"],
         "test": ["pytest>=8", "hypothesis>=6.100", "scipy>=1.11", "matplotlib>=3.7"],
     },
     entry_points={"console_scripts": ["lplb=lplb_plugin.cli:main"]},
