@@ -32,7 +32,7 @@ from .solvers import check_loads, solve_graph
 from .stats import TokenStats, config_fingerprint
 from .topology import by_name, validate_r2o
 
-__all__ = ["Planner", "SplitPlan", "expert_order_by_load", "placement_from_config"]
+__all__ = ["Planner", "SplitPlan", "eplb_groups_and_nodes", "expert_order_by_load", "placement_from_config"]
 
 
 @dataclass(frozen=True)
@@ -463,6 +463,10 @@ def placement_from_config(
 ) -> ExpertPlacement:
     """Build the placement a config describes for one layer.
 
+    ``lplb.lp.scope`` decides where copies may go: ``node`` keeps every expert's copies
+    inside one of ``placement.num_nodes`` nodes (EPLB's hierarchical policy; topology
+    groups inside a node), ``global`` lets them cross nodes (EPLB's global policy).
+
     Args:
         config: the ``lplb`` block.
         n_logical: logical experts; ep_size: EP ranks.
@@ -471,7 +475,8 @@ def placement_from_config(
             order for topologies, uniform loads for EPLB).
     """
     pc = config.placement
-    n_physical = pc.physical_experts(n_logical, ep_size)
+    config.validate_for(n_logical, ep_size)
+    n_physical = n_logical + ep_size * pc.redundant_per_rank
     if workload is None and pc.workload is not None:
         from .data import load_profile
 
@@ -489,9 +494,24 @@ def placement_from_config(
         order = None if workload is None else expert_order_by_load(workload, ep_size)
         return ExpertPlacement.from_r2o(r2o, n_physical, n_logical, ep_size, order)
     weight = torch.ones(n_logical, dtype=torch.float64) if workload is None else workload
-    groups, nodes = pc.num_groups, pc.num_nodes
+    groups, nodes = eplb_groups_and_nodes(config, n_logical)
     phy2log, _, _ = rebalance_experts(weight.unsqueeze(0), n_physical, groups, nodes, ep_size)
     return ExpertPlacement.from_phy2log(phy2log[0], ep_size, n_logical)
+
+
+def eplb_groups_and_nodes(config: LPLBConfig, n_logical: int) -> tuple[int, int]:
+    """``(num_groups, num_nodes)`` to pass to EPLB for ``lplb.lp.scope``.
+
+    ``global``: EPLB's global policy (replicas anywhere).  ``node``: its hierarchical
+    policy, whose replicas stay inside a node; when the routing groups cannot be
+    spread over the nodes (``num_groups % num_nodes != 0``) every expert is its own
+    group for placement, so nodes still get balanced loads.
+    """
+    pc = config.placement
+    if config.lp.scope == "global" or pc.num_nodes == 1:
+        return (1, 1) if config.lp.scope == "global" else (pc.num_groups, 1)
+    groups = pc.num_groups if pc.num_groups % pc.num_nodes == 0 else n_logical
+    return groups, pc.num_nodes
 
 
 def _group_size(group) -> int:
