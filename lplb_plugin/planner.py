@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import LPLBConfig, StatsConfig
+from . import kernels
 from .counting import check_topk_idx, count_tokens
 from .errors import LPLBInputError
 from .layout import ExpertPlacement
@@ -264,6 +265,8 @@ class Planner:
             sums of per-chunk histograms, as upstream.
         """
         check_topk_idx(idx, self.n_logical_routed_experts)
+        if idx.is_cuda and kernels.get() is not None:
+            return kernels.count_tokens(idx, self.n_logical_routed_experts, _n_sms(idx, n_sms))
         return count_tokens(idx, self.n_logical_routed_experts, _n_sms(idx, n_sms))
 
     def global_counts(self, counts: torch.Tensor) -> torch.Tensor:
@@ -322,8 +325,13 @@ class Planner:
 
     def redirect(self, idx: torch.Tensor, plan: SplitPlan) -> torch.Tensor:
         """Rewrite this rank's logical ids into physical ids realising ``plan``
-        (same shape, dtype and device; ``-1`` kept)."""
-        return redirect(idx, plan.cum_frac.to(idx.device), self._log2phy_on(idx.device), check=False)
+        (same shape, dtype and device; ``-1`` kept).  On a GPU with the CUDA kernels
+        the count + map kernels do it (bit-identical to the torch reference)."""
+        cum = plan.cum_frac.to(idx.device)
+        if idx.is_cuda and kernels.get() is not None:
+            counts, prefix = kernels.count_tokens(idx, self.n_logical_routed_experts, _n_sms(idx, None))
+            return kernels.map_tokens(idx, prefix, counts, cum, self._log2phy_on(idx.device))
+        return redirect(idx, cum, self._log2phy_on(idx.device), check=False)
 
     def run(self, idx: torch.Tensor, avail_counter: torch.Tensor | None = None, n_sms: int | None = None) -> torch.Tensor:
         """Count, all-reduce, solve and redirect.
