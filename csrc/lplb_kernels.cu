@@ -39,16 +39,25 @@ __global__ void histogram_kernel(const void* idx, bool is64, int64_t n, int64_t 
   for (int64_t e = threadIdx.x; e < n_logical; e += blockDim.x) prefix[c * n_logical + e] = hist[e];
 }
 
-// Inclusive scan over chunks, one thread per expert.
+// Inclusive scan over chunks: one warp per expert, 32 chunks at a time (a serial loop
+// per expert would be latency-bound: ~130 dependent loads).
 __global__ void scan_kernel(int64_t n_logical, int64_t n_chunks, int32_t* prefix, int32_t* counts) {
-  const int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (e >= n_logical) return;
-  int32_t run = 0;
-  for (int64_t c = 0; c < n_chunks; ++c) {
-    run += prefix[c * n_logical + e];
-    prefix[c * n_logical + e] = run;
+  const int64_t e = (blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x) >> 5;
+  const int lane = threadIdx.x & 31;
+  if (e >= n_logical) return;  // whole warps leave together (e is per warp)
+  int32_t carry = 0;
+  for (int64_t base = 0; base < n_chunks; base += 32) {
+    const int64_t c = base + lane;
+    int32_t v = c < n_chunks ? prefix[c * n_logical + e] : 0;
+    for (int off = 1; off < 32; off <<= 1) {
+      const int32_t up = __shfl_up_sync(0xffffffffu, v, off);
+      if (lane >= off) v += up;
+    }
+    v += carry;
+    if (c < n_chunks) prefix[c * n_logical + e] = v;
+    carry = __shfl_sync(0xffffffffu, v, 31);
   }
-  counts[e] = run;
+  if (lane == 0) counts[e] = carry;
 }
 
 __global__ void map_kernel(const void* idx, bool is64, int64_t n, int64_t n_logical, int64_t n_chunks,
@@ -114,7 +123,8 @@ cudaError_t count_tokens(const void* idx, bool idx_is_64, int64_t n, int64_t n_l
   const size_t smem = static_cast<size_t>(n_logical) * sizeof(int32_t);
   if (cudaError_t err = allow_smem(histogram_kernel, smem); err != cudaSuccess) return err;
   histogram_kernel<<<static_cast<unsigned>(n_chunks), kThreads, smem, stream>>>(idx, idx_is_64, n, n_logical, n_chunks, prefix);
-  const unsigned blocks = static_cast<unsigned>((n_logical + kThreads - 1) / kThreads);
+  const int64_t warps_per_block = kThreads / 32;
+  const unsigned blocks = static_cast<unsigned>((n_logical + warps_per_block - 1) / warps_per_block);
   scan_kernel<<<blocks, kThreads, 0, stream>>>(n_logical, n_chunks, prefix, counts);
   return cudaGetLastError();
 }
