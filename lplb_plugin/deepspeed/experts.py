@@ -24,6 +24,7 @@ from torch import nn
 
 from ..errors import LPLBInputError
 from ..layout import ExpertPlacement
+from .clipping import mark_replicas
 from ..replicas import (
     ReplicaLayout,
     fill_slots_from_logical,
@@ -77,6 +78,10 @@ class LPLBExperts(Experts):
         (collective over ``group``)."""
         self.layout = ReplicaLayout.from_placement(self.placement, ep_rank)
         self.group = group
+        S = self.placement.slots_per_rank
+        home = self.placement.log2phy[:, 0]
+        mark_replicas(self.slot_params(),
+                      [int(home[int(e)]) == ep_rank * S + s for s, e in enumerate(self.layout.slot_expert)])
         pending = self.__dict__["_pending"]
         if pending is not None:
             fill_slots_from_logical(self.slot_tensors(), self.layout, pending, group)
@@ -108,6 +113,7 @@ class LPLBExperts(Experts):
                 "call lplb_plugin.deepspeed.finish_load(model) on every rank (the engine's "
                 "load_checkpoint does it when the engine came from lplb_plugin.deepspeed.initialize)"
             )
+        self.__dict__["_save_stash"] = None  # a snapshot for state_dict() is stale from here on
         chunks = inputs.chunk(self.num_local_experts, dim=1)
         if torch.is_grad_enabled():
             weights = with_replica_grad_sum(self.slot_params(), self.layout, self.group,
@@ -133,7 +139,8 @@ class LPLBExperts(Experts):
         return not all(bool(torch.isin(owned[r], held[r]).all()) for r in range(self.placement.n_ranks))
 
     def prepare_save(self) -> None:
-        """Fetch the owned logical experts from the ranks holding them (collective)."""
+        """Fetch the owned logical experts from the ranks holding them (collective); the
+        snapshot serves ``state_dict()`` until the next forward or :meth:`clear_save`."""
         self._require_bound("prepare_save")
         self.__dict__["_save_stash"] = gather_owned_logical(self.slot_tensors(), self.layout, self.group)
 

@@ -6,12 +6,14 @@ import types
 from typing import Any, Optional
 
 import deepspeed
+import torch
 from deepspeed.moe.layer import MoE
 from torch import nn
 
 from ..config import LPLBConfig
 from ..errors import LPLBConfigError, LPLBInputError
 from . import checkpoint as _ckpt
+from .clipping import clip_fp32_gradients
 from .ds_config import lplb_config_from_ds_config
 from .layer import LPLBMoE
 from .metrics import write_metrics
@@ -67,11 +69,54 @@ def initialize(model: nn.Module, config: Any = None, **kwargs) -> tuple:
         What ``deepspeed.initialize`` returns: ``(engine, optimizer, dataloader,
         lr_scheduler)``.
     """
+    stale = {id(t): m for m in _moe_layers(model) for e in m.deepspeed_moe.experts.deepspeed_experts
+             for t in e.parameters()}
     layers = apply(model, config)
+    if layers:
+        stale = {k: m for k, m in stale.items() if m in layers}
+        _check_optimizer(kwargs.get("optimizer"), stale)
+        if kwargs.get("model_parameters") is not None:
+            kwargs["model_parameters"] = _remap_parameters(kwargs["model_parameters"], stale)
     out = deepspeed.initialize(model=model, config=config, **kwargs)
     if layers:
         attach(out[0])
     return out
+
+
+def _moe_layers(model: nn.Module) -> list[MoE]:
+    return [m for m in model.modules() if type(m) is MoE]
+
+
+def _check_optimizer(optimizer, stale: dict) -> None:
+    if isinstance(optimizer, torch.optim.Optimizer):
+        if any(id(p) in stale for g in optimizer.param_groups for p in g["params"]):
+            raise LPLBConfigError(
+                "optimizer: it was built on the plain MoE experts, which LPLB replaces by its expert "
+                "slots; pass a callable (optimizer=lambda params: ...) or build the optimizer after "
+                "lplb_plugin.deepspeed.apply(model, config)"
+            )
+
+
+def _remap_parameters(params, stale: dict):
+    """Replace the plain experts' parameters (now outside the model) by the LPLB slots'
+    parameters of the same layers, keeping list / param-group structure."""
+    params = list(params)
+    done: set[int] = set()
+
+    def fix(seq):
+        out = []
+        for p in seq:
+            layer = stale.get(id(p))
+            if layer is None:
+                out.append(p)
+            elif id(layer) not in done:
+                done.add(id(layer))
+                out.extend(layer.deepspeed_moe.experts.deepspeed_experts.parameters())
+        return out
+
+    if params and isinstance(params[0], dict):
+        return [{**g, "params": fix(g["params"])} for g in params]
+    return fix(params)
 
 
 def attach(engine) -> None:
@@ -91,4 +136,5 @@ def attach(engine) -> None:
         return result
 
     engine.step = types.MethodType(step, engine)
+    engine.clip_fp32_gradients = types.MethodType(clip_fp32_gradients, engine)
     engine._lplb_attached = True
