@@ -41,9 +41,10 @@ def skew_gate(moe: MoE, seed: int = 7) -> None:
         w[1] += 0.3
 
 
-def make_moe(n_experts: int, ep_size: int, k: int, ep_rank: int) -> MoE:
+def make_moe(n_experts: int, ep_size: int, k: int, ep_rank: int, **kwargs) -> MoE:
+    kwargs = {"use_rts": False, **kwargs}
     moe = MoE(HIDDEN, MLP(), num_experts=n_experts, ep_size=ep_size, k=k, drop_tokens=False,
-              min_capacity=0, use_rts=False)
+              min_capacity=0, **kwargs)
     reinit_experts(moe, ep_rank)
     skew_gate(moe)
     return moe

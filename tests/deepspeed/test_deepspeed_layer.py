@@ -21,35 +21,39 @@ EPLB2 = {"placement": {"policy": "eplb", "redundant_per_rank": 2}}
 IPM1 = {"placement": {"policy": "eplb", "redundant_per_rank": 1}, "solver": "ipm"}
 
 
-def _run_layer(m, rank, routes):
+def _run_layer(m, rank, routes, mask_tokens=False):
     from ds_models import HIDDEN
 
     g = torch.Generator().manual_seed(100 + rank)
     x = torch.randn(3, 16, HIDDEN, generator=g).requires_grad_()
     w = torch.randn(3, 16, HIDDEN, generator=g)
-    torch.manual_seed(55)  # DeepSpeed's gate noise (top-2 Gumbel sampling) draws from it
-    out, l_aux, counts = m(x)
+    # int64: DeepSpeed's dropless top-1 turns a float mask into a float top-k size and fails
+    used = (torch.rand(48, generator=g) > 0.25).long() if mask_tokens else None
+    torch.manual_seed(55)  # DeepSpeed's gate noise (Jitter, RSample, RTS, top-2 sampling) draws from it
+    out, l_aux, counts = m(x, used)
     (out * w).sum().add(3.0 * l_aux).backward()
     return {"out": out.detach(), "l_aux": l_aux.detach(), "counts": counts.clone(), "x_grad": x.grad,
             "wg_grad": m.deepspeed_moe.gate.wg.weight.grad.clone(), "routes": routes}
 
 
-def _layer_worker(rank, world_size, ep, k, block):
+def _layer_worker(rank, world_size, ep, k, block, options=None):
     from ds_models import make_moe
 
     from lplb_plugin import LPLBConfig
     from lplb_plugin.deepspeed import LPLBMoE
 
     ep_rank = rank % ep
-    plain = make_moe(N_EXPERTS, ep, k, ep_rank)
+    options = dict(options or {})
+    mask_tokens = options.pop("mask_tokens", False)
+    plain = make_moe(N_EXPERTS, ep, k, ep_rank, **options)
     lplb = LPLBMoE.from_moe(copy.deepcopy(plain), LPLBConfig.from_dict(block))
     plain.set_deepspeed_parallelism()
     lplb.set_deepspeed_parallelism()
 
     routes = []
     lplb.deepspeed_moe.gate.register_forward_hook(lambda mod, inp, out: routes.append(out[3].clone()))
-    res_plain = _run_layer(plain, rank, None)
-    res_lplb = _run_layer(lplb, rank, routes)
+    res_plain = _run_layer(plain, rank, None, mask_tokens)
+    res_lplb = _run_layer(lplb, rank, routes, mask_tokens)
     nl = plain.num_local_experts
     res_plain["expert_grads"] = {
         ep_rank * nl + j: [p.grad.clone() for p in e.parameters()]
@@ -96,3 +100,15 @@ def test_layer_parity_ws1(k):
 @pytest.mark.parametrize("block", [RING2, EPLB1], ids=["ring2", "eplb"])
 def test_layer_parity_ws2_ep2(k, block):
     _check(run_workers(_layer_worker, 2, 2, k, block))
+
+
+@pytest.mark.parametrize("options", [
+    {"noisy_gate_policy": "Jitter", "use_rts": True},
+    {"noisy_gate_policy": "RSample", "mask_tokens": True},
+], ids=["jitter-rts", "rsample-used_token"])
+def test_layer_parity_top1_noise_policies(options):
+    _check(run_workers(_layer_worker, 2, 2, 1, RING2, options))
+
+
+def test_layer_parity_ipm_solver():
+    _check(run_workers(_layer_worker, 2, 2, 2, IPM1))
