@@ -69,9 +69,12 @@ def initialize(model: nn.Module, config: Any = None, **kwargs) -> tuple:
         What ``deepspeed.initialize`` returns: ``(engine, optimizer, dataloader,
         lr_scheduler)``.
     """
+    source = config  # DeepSpeed also takes the config as config_params= or args.deepspeed_config
+    if source is None:
+        source = kwargs.get("config_params") or getattr(kwargs.get("args"), "deepspeed_config", None)
     stale = {id(t): m for m in _moe_layers(model) for e in m.deepspeed_moe.experts.deepspeed_experts
              for t in e.parameters()}
-    layers = apply(model, config)
+    layers = apply(model, source)
     if layers:
         stale = {k: m for k, m in stale.items() if m in layers}
         _check_optimizer(kwargs.get("optimizer"), stale)

@@ -100,6 +100,11 @@ def test_optimizer_built_on_plain_experts_is_rejected():
     opt = torch.optim.AdamW(net.parameters())
     with pytest.raises(LPLBConfigError, match="optimizer: it was built on the plain MoE experts"):
         lplb_ds.initialize(model=net, config=ds(RING), optimizer=opt)
+    # the block is also read from DeepSpeed's other config arguments
+    net = Net()
+    opt = torch.optim.AdamW(net.parameters())
+    with pytest.raises(LPLBConfigError, match="optimizer: it was built on the plain MoE experts"):
+        lplb_ds.initialize(model=net, config_params=ds(RING), optimizer=opt)
 
 
 def test_forward_before_ep_group_is_a_clear_error():

@@ -112,3 +112,46 @@ def test_layer_parity_top1_noise_policies(options):
 
 def test_layer_parity_ipm_solver():
     _check(run_workers(_layer_worker, 2, 2, 2, IPM1))
+
+
+def _dense_worker(rank, world_size):
+    from ds_models import HIDDEN, make_moe
+
+    from lplb_plugin import LPLBConfig
+    from lplb_plugin.deepspeed import LPLBMoE
+
+    plain = make_moe(N_EXPERTS, 2, 2, rank)
+    lplb = LPLBMoE.from_moe(copy.deepcopy(plain), LPLBConfig.from_dict(RING2))
+    plain.set_deepspeed_parallelism()
+    lplb.set_deepspeed_parallelism()
+    x = torch.randn(48, HIDDEN, generator=torch.Generator().manual_seed(rank))
+    torch.manual_seed(3)
+    l_aux_p, combine_p, mask_p, counts_p = plain.deepspeed_moe.gate(x)
+    torch.manual_seed(3)
+    l_aux, combine, mask, counts = lplb.deepspeed_moe.gate(x)
+    torch.manual_seed(3)
+    sparse = lplb.deepspeed_moe.gate(x, None, True)
+    return {"plain": (l_aux_p, combine_p, mask_p, counts_p), "lplb": (l_aux, combine, mask, counts),
+            "sparse": sparse, "phy2log": lplb.placement.phy2log}
+
+
+def test_dense_tuple_for_direct_callers():
+    """gate(x) returns the dense 4-tuple over P physical experts: the same gate weight per
+    (token, logical expert) as plain DeepSpeed's, one buffer slot per route, the same
+    routes as the sparse form."""
+    for res in run_workers(_dense_worker, 2):
+        l_aux_p, combine_p, mask_p, counts_p = res["plain"]
+        l_aux, combine, mask, counts = res["lplb"]
+        l_aux_s, capacity, n_phys, idx, loc, gates, counts_s = res["sparse"]
+        phy2log = res["phy2log"]
+        assert n_phys == 6 and combine.shape == (48, 6, int(capacity)) and torch.equal(mask, combine.bool())
+        torch.testing.assert_close(l_aux, l_aux_p)
+        assert torch.equal(counts, counts_p)
+        per_logical = torch.zeros(48, N_EXPERTS).index_add_(1, phy2log, combine.sum(2))
+        torch.testing.assert_close(per_logical, combine_p.sum(2))
+        assert int(mask.sum()) == int(mask_p.sum()) == 2 * 48
+        # the dense form holds exactly the sparse routes
+        rebuilt = torch.zeros_like(combine)
+        for r in range(idx.shape[0]):
+            rebuilt[torch.arange(48), idx[r].long(), loc[r].long()] += gates[r]
+        torch.testing.assert_close(rebuilt, combine)
