@@ -15,7 +15,6 @@ State dicts are *logical*: ``state_dict()`` emits ``deepspeed_experts.{j}.*`` fo
 
 from __future__ import annotations
 
-import copy
 from typing import Optional
 
 import torch
@@ -230,12 +229,9 @@ def _logical_load_hook(module: LPLBExperts, state_dict, prefix, local_metadata, 
             for d, s in zip(dst, src):
                 with torch.no_grad():
                     d.copy_(s)
-        loaded_for_slots = None
     else:
         module.__dict__["_loaded"] = [[s.detach().clone() for s in row] for row in loaded]
-        loaded_for_slots = loaded
     # Let the slots' own loading see their current values; finish_load() fills them.
     for s, tensors in enumerate(module.slot_tensors()):
         for name, t in zip(names, tensors):
             state_dict[f"{slot_prefix}{s}.{name}"] = t.detach()
-    del loaded_for_slots

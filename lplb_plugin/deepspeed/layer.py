@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from typing import Optional
 
-import torch
 from deepspeed import comm as dist
 from deepspeed.moe.layer import MoE
 from deepspeed.moe.sharded_moe import TopKGate
@@ -19,7 +18,6 @@ from torch import nn
 
 from ..config import LPLBConfig
 from ..errors import LPLBConfigError, LPLBInputError
-from ..layout import ExpertPlacement
 from ..planner import Planner, placement_from_config
 from .experts import LPLBExperts
 from .gate import LPLBTopKGate
