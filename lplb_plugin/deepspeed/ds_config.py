@@ -41,8 +41,9 @@ def load_ds_config(config: Any) -> tuple[Optional[dict], Optional[str]]:
 def lplb_config_from_ds_config(config: Any) -> Optional[LPLBConfig]:
     """The validated ``lplb`` block of a ds_config, or ``None`` when absent.
 
-    Also rejects ds_config settings LPLB cannot train correctly with: ZeRO stage 3
-    (DeepSpeed's native MoE does not support it either).
+    Also rejects settings LPLB cannot train correctly with here: ZeRO stage 3
+    (DeepSpeed's native MoE does not support it either) and ``lplb.stats.source:
+    deepep`` (DeepSpeed's MoE does not dispatch through DeepEP).
 
     Raises:
         LPLBConfigError: naming the dotted key (``lplb.placement.topology``,
@@ -54,6 +55,11 @@ def lplb_config_from_ds_config(config: Any) -> Optional[LPLBConfig]:
         return None
     cfg = LPLBConfig.from_dict(data["lplb"], source="lplb", base_dir=base_dir)
     if cfg.enabled:
+        if cfg.stats.source == "deepep":
+            raise LPLBConfigError(
+                "lplb.stats.source: expected 'auto' or 'router' with DeepSpeed, got 'deepep' "
+                "(DeepSpeed's MoE layer dispatches with its own all-to-all, not DeepEP)"
+            )
         zero = data.get("zero_optimization") or {}
         stage = zero.get("stage", 0) if isinstance(zero, Mapping) else 0
         if stage == 3:

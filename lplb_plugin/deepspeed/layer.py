@@ -108,7 +108,8 @@ class LPLBMoE(MoE):
         ep_rank = dist.get_rank(group=group)
         cfg = self.lplb_config
         planner = Planner.from_placement(self.placement, group=group, solver=cfg.resolved_solver,
-                                         ipm_max_iters=cfg.ipm.max_iters, ipm_tol=cfg.ipm.tol)
+                                         ipm_max_iters=cfg.ipm.max_iters, ipm_tol=cfg.ipm.tol,
+                                         warn_on_fallback=cfg.warn_on_fallback, stats=cfg.stats)
         planner._config = cfg
         self.deepspeed_moe.gate._bind_planner(planner)
         self.deepspeed_moe.experts.bind(ep_rank, group)

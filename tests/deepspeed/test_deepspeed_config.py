@@ -48,6 +48,11 @@ def test_unknown_key_in_block_is_an_error():
         lplb_ds.lplb_config_from_ds_config(ds({"placement": {"topology": "cubes"}}))
 
 
+def test_deepep_count_source_rejected():
+    with pytest.raises(LPLBConfigError, match=r"lplb\.stats\.source.*'deepep'"):
+        lplb_ds.lplb_config_from_ds_config(ds({**RING, "stats": {"source": "deepep"}}))
+
+
 def test_zero3_rejected():
     with pytest.raises(LPLBConfigError, match=r"zero_optimization\.stage.*got 3"):
         lplb_ds.lplb_config_from_ds_config(ds(RING, zero_optimization={"stage": 3}))
