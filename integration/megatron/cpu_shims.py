@@ -26,11 +26,13 @@ Each patch, and why (REFERENCE.md §5):
    helper returns the tensor unchanged (it only converts CUDA tensors) and
    ``all_to_all_single`` rejects a tensor of split sizes; the patched helper applies the
    same conversion to CPU tensors.
-5. ``tensor_parallel.random._get_cuda_rng_state`` / ``_set_cuda_rng_state``: activation
-   recompute (``tensor_parallel.checkpoint``, used by MoE recompute) saves and restores the
-   CUDA RNG state, which a CPU build of torch cannot query.  On the CPU there is no CUDA
-   RNG; the patched pair returns / accepts a placeholder (the CPU RNG state is still saved
-   and restored by Megatron itself).
+5. ``tensor_parallel.random._get_cuda_rng_state`` / ``_set_cuda_rng_state`` and
+   ``torch.cuda.get_rng_state``: Megatron's RNG tracker (``model_parallel_cuda_manual_seed``,
+   the ``fork()`` around attention dropout) and activation recompute
+   (``tensor_parallel.checkpoint``, used by MoE recompute) save and restore the CUDA RNG
+   state, which a CPU build of torch cannot query.  On the CPU there is no CUDA RNG; the
+   patched functions return / accept a placeholder (the CPU RNG state is still saved and
+   restored by Megatron itself).
 
 Not a patch, a setting: ``add_bias_linear=False`` (with biases, the EP=1 expert MLP hits an
 in-place-on-view error on CPU), and ``TORCHDYNAMO_DISABLE=1`` (Megatron's jit fuser is
@@ -117,5 +119,6 @@ def apply() -> bool:
 
     mrandom._get_cuda_rng_state = lambda *a, **k: torch.empty(0, dtype=torch.uint8)
     mrandom._set_cuda_rng_state = lambda *a, **k: None
+    torch.cuda.get_rng_state = lambda *a, **k: torch.empty(0, dtype=torch.uint8)
     _applied = True
     return True

@@ -43,13 +43,23 @@ def with_lplb(spec: Any, lplb_config: LPLBConfig, *, require_moe: bool = True) -
     if not lplb_config.enabled:
         return spec
     counter = [0]
-    out = _swap(spec, lplb_config, counter, set())
+    out = _swap(spec, lplb_config, counter, {})
     if require_moe and counter[0] == 0:
         raise LPLBConfigError("with_lplb: the spec contains no MoELayer (is num_moe_experts set?)")
     return out
 
 
-def _swap(obj: Any, cfg: LPLBConfig, counter: list, seen: set) -> Any:
+def _swap(obj: Any, cfg: LPLBConfig, counter: list, memo: dict) -> Any:
+    # memo: one spec object may be shared by several layers; swap it once, reuse the result
+    if id(obj) in memo:
+        return memo[id(obj)]
+    new = _swap_new(obj, cfg, counter, memo)
+    if new is not obj:
+        memo[id(obj)] = new
+    return new
+
+
+def _swap_new(obj: Any, cfg: LPLBConfig, counter: list, memo: dict) -> Any:
     if isinstance(obj, functools.partial):
         if obj.func is MoELayer:
             counter[0] += 1
@@ -59,19 +69,16 @@ def _swap(obj: Any, cfg: LPLBConfig, counter: list, seen: set) -> Any:
         if obj.module is MoELayer:
             counter[0] += 1
             return dataclasses.replace(obj, module=LPLBMoELayer, params={**obj.params, "lplb_config": cfg})
-        return dataclasses.replace(obj, submodules=_swap(obj.submodules, cfg, counter, seen))
+        return dataclasses.replace(obj, submodules=_swap(obj.submodules, cfg, counter, memo))
     if isinstance(obj, (list, tuple)):
-        return type(obj)(_swap(o, cfg, counter, seen) for o in obj)
+        return type(obj)(_swap(o, cfg, counter, memo) for o in obj)
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        if id(obj) in seen:
-            return obj
-        seen.add(id(obj))
         changes = {}
         for f in dataclasses.fields(obj):
             if not f.init:
                 continue
             value = getattr(obj, f.name)
-            new = _swap(value, cfg, counter, seen)
+            new = _swap(value, cfg, counter, memo)
             if new is not value:
                 changes[f.name] = new
         return dataclasses.replace(obj, **changes) if changes else obj

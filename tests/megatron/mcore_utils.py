@@ -12,10 +12,7 @@ def init_parallel(ep: int, seed: int = 1234) -> None:
 
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=1, expert_model_parallel_size=ep)
     torch.manual_seed(seed)
-    try:
-        model_parallel_cuda_manual_seed(seed)
-    except Exception:
-        pass  # CPU: the CUDA RNG tracker is not needed with use_cpu_initialization
+    model_parallel_cuda_manual_seed(seed)
 
 
 def moe_config(n_experts=8, topk=2, dispatcher="alltoall", ep=1, **kw):
