@@ -16,7 +16,8 @@ Each patch, and why (REFERENCE.md §5):
    stream, recording and waiting on an event.  On the CPU there is one "stream": the
    stand-in stream is a singleton whose ``wait_stream`` / ``record_event`` /
    ``synchronize`` do nothing (host code is already ordered), so the dispatcher sees no
-   side stream and copies synchronously.
+   side stream and copies synchronously.  ``torch.cuda.synchronize`` (called by the
+   distributed-checkpoint writer before it copies tensors) is a no-op for the same reason.
 3. ``megatron.core.transformer.utils.get_default_causal_mask`` (and the name imported by
    ``fusions/fused_softmax.py``) hard-codes ``device="cuda"``; the patched version builds
    the same upper-triangular mask on the CPU.
@@ -98,6 +99,7 @@ def apply() -> bool:
     torch.cuda.current_stream = lambda *a, **k: _HOST_STREAM
     torch.cuda.stream = lambda *a, **k: contextlib.nullcontext()
     torch.cuda.Event = lambda *a, **k: _HostEvent()
+    torch.cuda.synchronize = lambda *a, **k: None
 
     import megatron.core.fusions.fused_softmax as fused_softmax  # 3.
     import megatron.core.transformer.utils as tutils

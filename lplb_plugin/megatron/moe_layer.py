@@ -224,28 +224,30 @@ def _copy_column(placement) -> torch.Tensor:
 
 
 def _relabel_expert_shard(item, axis: int, slot: int, expert: int, P: int, L: int, col: int) -> None:
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+    """Move one expert shard (a ``ShardedTensor`` or the ``ShardedObject`` of a module's
+    extra state) from physical slot ``slot`` of ``P`` to logical expert ``expert`` of
+    ``L``; non-home copies (``col > 0``) become non-main replicas."""
+    from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
 
-    items = [item]
-    if not isinstance(item, ShardedTensor):
-        # a factory (e.g. for fused fc1) wraps the tensor; relabel what it holds
-        items = [v for v in vars(item).values() if isinstance(v, ShardedTensor)]
-        if not items:
-            raise LPLBConfigError(f"LPLB cannot relabel expert checkpoint item {type(item).__name__}")
-    for st in items:
-        if st.global_shape[axis] != P or st.global_offset[axis] != slot:
-            raise LPLBConfigError(
-                f"unexpected expert shard layout for {st.key}: axis {axis} has shape "
-                f"{st.global_shape[axis]} and offset {st.global_offset[axis]}, expected {P} and {slot}"
-            )
-        st.global_shape = st.global_shape[:axis] + (L,) + st.global_shape[axis + 1 :]
-        st.global_offset = st.global_offset[:axis] + (expert,) + st.global_offset[axis + 1 :]
-        if st.axis_fragmentations is not None:
-            frag = tuple(st.axis_fragmentations)
-            st.axis_fragmentations = frag[:axis] + (L,) + frag[axis + 1 :]
-        if col:
-            # a non-main replica: distinct from every data-parallel replica id
-            st.replica_id = (*st.replica_id[:-1], st.replica_id[-1] + 1 + col * 1_000_000)
+    if not isinstance(item, (ShardedTensor, ShardedObject)):
+        raise LPLBConfigError(
+            f"LPLB cannot relabel expert checkpoint item {type(item).__name__} (supported: the "
+            f"SequentialMLP experts' ShardedTensor / ShardedObject entries)"
+        )
+    if item.global_shape[axis] != P or item.global_offset[axis] != slot:
+        raise LPLBConfigError(
+            f"unexpected expert shard layout for {item.key}: axis {axis} has shape "
+            f"{item.global_shape[axis]} and offset {item.global_offset[axis]}, expected {P} and {slot}"
+        )
+    item.global_shape = tuple(item.global_shape[:axis]) + (L,) + tuple(item.global_shape[axis + 1 :])
+    item.global_offset = tuple(item.global_offset[:axis]) + (expert,) + tuple(item.global_offset[axis + 1 :])
+    if getattr(item, "axis_fragmentations", None) is not None:
+        frag = tuple(item.axis_fragmentations)
+        item.axis_fragmentations = frag[:axis] + (L,) + frag[axis + 1 :]
+    if col:
+        # a non-main replica of the home shard: saved once (by the home), loaded by all
+        rid = item.replica_id if isinstance(item.replica_id, tuple) else (item.replica_id,)
+        item.replica_id = (*rid[:-1], rid[-1] + col * 1_000_000)
 
 
 def _logical_state_dict_hook(module: "LPLBMoELayer", state_dict, prefix, local_metadata):

@@ -153,3 +153,70 @@ def test_training_parity_ep2():
         assert abs(m["lplb/all/max_over_mean_before"] - r["ratio"]["plain"]) < 0.1, (m, r["ratio"])
         assert m["lplb/all/optimal_fraction"] == 1.0
         assert {"lplb/layer_1/max_over_mean_after", "lplb/layer_2/max_over_mean_after"} <= set(m)
+
+
+def _checkpoint_round_trips(rank, ws, tmp):
+    import json
+    import os
+
+    import torch
+    from megatron.core import parallel_state
+
+    from lplb_plugin.megatron import lplb_layers
+
+    pg, model, train, lplb = _setup(ws)
+    dp_rank = parallel_state.get_data_parallel_rank()
+    cpu = torch.device("cpu")
+    next_batch = pg.batch(99, dp_rank, train, cpu)
+    out = {}
+
+    # LPLB run -> save -> plain model
+    src = pg.build(model, train, lplb, ws)
+    for step in range(1, 4):
+        pg.train_step(*src, pg.batch(step, dp_rank, train, cpu))
+    pg.save_checkpoint(src[0], os.path.join(tmp, "lplb_ckpt"))
+    dst = pg.build(model, train, None, ws)
+    out["plain_fresh"] = pg.evaluate(dst[0], next_batch)
+    pg.load_checkpoint(dst[0], os.path.join(tmp, "lplb_ckpt"))
+    out["lplb_src"] = pg.evaluate(src[0], next_batch)
+    out["plain_loaded"] = pg.evaluate(dst[0], next_batch)
+    with open(os.path.join(tmp, "lplb_ckpt", "lplb_placement.json")) as f:
+        out["placement_layers"] = sorted(json.load(f)["layers"])
+
+    # plain run -> save -> LPLB model
+    src = pg.build(model, train, None, ws)
+    for step in range(1, 4):
+        pg.train_step(*src, pg.batch(step, dp_rank, train, cpu))
+    pg.save_checkpoint(src[0], os.path.join(tmp, "plain_ckpt"))
+    dst = pg.build(model, train, lplb, ws)
+    out["lplb_fresh"] = pg.evaluate(dst[0], next_batch)
+    # scramble the copies so the load (not the init sync) must make them right
+    with torch.no_grad():
+        for layer in lplb_layers(dst[0]):
+            for params in layer.local_slot_params():
+                for p in params:
+                    p.normal_()
+    pg.load_checkpoint(dst[0], os.path.join(tmp, "plain_ckpt"))
+    out["plain_src"] = pg.evaluate(src[0], next_batch)
+    out["lplb_loaded"] = pg.evaluate(dst[0], next_batch)
+    out["replica_diff"] = max(layer.replica_max_abs_diff() for layer in lplb_layers(dst[0]))
+    # keep training after the load, both with a fresh Adam (the checkpoint holds the
+    # model only): the LPLB model follows the plain run
+    src = (src[0], torch.optim.Adam(src[0].parameters(), lr=train["lr"]), src[2])
+    for step in range(4, 7):
+        tokens = pg.batch(step, dp_rank, train, cpu)
+        out.setdefault("continued", []).append((pg.train_step(*src, tokens), pg.train_step(*dst, tokens)))
+    return out
+
+
+def test_checkpoint_round_trips(tmp_path):
+    results = dist_utils.run(_checkpoint_round_trips, 2, str(tmp_path))
+    for rank, r in enumerate(results):
+        where = f"rank {rank}: {r}"
+        assert abs(r["plain_loaded"] - r["lplb_src"]) <= TOL, where
+        assert abs(r["plain_fresh"] - r["lplb_src"]) > 10 * TOL, where  # the load did something
+        assert abs(r["lplb_loaded"] - r["plain_src"]) <= TOL, where
+        assert abs(r["lplb_fresh"] - r["plain_src"]) > 10 * TOL, where
+        assert r["replica_diff"] == 0.0, where
+        assert r["placement_layers"] == ["layer_1", "layer_2"], where
+        assert max(abs(a - b) for a, b in r["continued"]) <= TOL, where
