@@ -94,7 +94,7 @@ def _rank_load_hook(store, n_ranks, slot_rank=None):
     return hook
 
 
-def _train_parity(rank, ws, steps):
+def _train_parity(rank, ws, steps, lplb_override=None):
     import torch
     import torch.distributed as dist
     from megatron.core import parallel_state
@@ -103,6 +103,10 @@ def _train_parity(rank, ws, steps):
     from lplb_plugin.megatron.router import LPLBRouter
 
     pg, model, train, lplb = _setup(ws)
+    if lplb_override is not None:
+        from lplb_plugin import LPLBConfig
+
+        lplb = LPLBConfig.from_dict(lplb_override)
     plain = pg.build(model, train, None, ws)
     with_lplb = pg.build(model, train, lplb, ws)
     _copy_plain_into_lplb(plain[0], with_lplb[0])
@@ -135,8 +139,12 @@ def _train_parity(rank, ws, steps):
     }
 
 
-def test_training_parity_ep2():
-    results = dist_utils.run(_train_parity, 2, 20)
+EP4_RING = {"placement": {"policy": "topology", "topology": "ring", "topology_shape": [4], "redundant_per_rank": 1}}
+
+
+@pytest.mark.parametrize("ws,override", [(2, None), (4, EP4_RING)], ids=["ep2", "ep4"])
+def test_training_parity(ws, override):
+    results = dist_utils.run(_train_parity, ws, 20, override)
     for rank, r in enumerate(results):
         assert r["n_layers"] == 2
         lp, ll = r["losses"]["plain"], r["losses"]["lplb"]
