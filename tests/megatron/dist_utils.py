@@ -22,7 +22,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank, world_size, port, fn, args, out_dir):
+def _worker(rank, world_size, port, fn, args, out_dir, backend):
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
         LOCAL_RANK=str(rank), TORCHDYNAMO_DISABLE="1", OMP_NUM_THREADS="1",
@@ -37,7 +37,9 @@ def _worker(rank, world_size, port, fn, args, out_dir):
     cpu_shims.apply()
     result, error = None, None
     try:
-        dist.init_process_group("gloo", rank=rank, world_size=world_size)
+        if backend == "nccl":
+            torch.cuda.set_device(rank)
+        dist.init_process_group(backend, rank=rank, world_size=world_size)
         result = fn(rank, world_size, *args)
     except BaseException:  # reported to the parent, which fails the test
         error = traceback.format_exc()
@@ -54,12 +56,13 @@ def _worker(rank, world_size, port, fn, args, out_dir):
         pickle.dump((result, error), f)
 
 
-def run(fn, world_size: int, *args):
-    """Run ``fn(rank, world_size, *args)`` in ``world_size`` gloo processes; return the
-    list of per-rank results (raises with the worker traceback on failure)."""
+def run(fn, world_size: int, *args, backend: str = "gloo"):
+    """Run ``fn(rank, world_size, *args)`` in ``world_size`` processes (``gloo``, or
+    ``nccl`` with one GPU per rank); return the list of per-rank results (raises with
+    the worker traceback on failure)."""
     with tempfile.TemporaryDirectory() as out_dir:
         mp.start_processes(
-            _worker, args=(world_size, free_port(), fn, args, out_dir), nprocs=world_size,
+            _worker, args=(world_size, free_port(), fn, args, out_dir, backend), nprocs=world_size,
             join=True, start_method="spawn",
         )
         results = []

@@ -21,7 +21,7 @@ EP1_CFG = {"placement": {"policy": "eplb", "redundant_per_rank": 2}}
 EP2_CFG = {"placement": {"policy": "topology", "topology": "ring", "topology_shape": [2], "redundant_per_rank": 1}}
 
 
-def _build_pair(ws, dispatcher, lplb_dict, **cfg_kw):
+def _build_pair(ws, dispatcher, lplb_dict, device="cpu", **cfg_kw):
     import torch
     import mcore_utils as mu
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
@@ -35,12 +35,14 @@ def _build_pair(ws, dispatcher, lplb_dict, **cfg_kw):
     plain = builder(config=cfg)
     lplb_cfg = mu.moe_config(ep=ws, dispatcher=dispatcher, **cfg_kw)
     layer = with_lplb(builder, LPLBConfig.from_dict(lplb_dict))(config=lplb_cfg)
+    plain.to(device)
+    layer.to(device)
     with torch.no_grad():
         plain.router.weight[0] += 0.6  # hot expert 0 (inputs carry a +1 offset)
         layer.router.weight.copy_(plain.router.weight)
         # every copy of expert e gets plain expert e's weights (gathered over EP)
         n_local = len(plain.experts.local_experts)
-        mine = {plain.local_expert_indices[i]: [p.detach().clone() for p in ex.parameters()]
+        mine = {plain.local_expert_indices[i]: [p.detach().cpu().clone() for p in ex.parameters()]
                 for i, ex in enumerate(plain.experts.local_experts)}
         experts = {}
         for d in mu.gather_objects(mine):
@@ -61,20 +63,22 @@ def _run(module, x, w):
     return out.detach(), x.grad
 
 
-def _layer_parity(rank, ws, lplb_dict):
+def _layer_parity(rank, ws, lplb_dict, device="cpu", dispatchers=("alltoall", "allgather")):
     import torch
     import mcore_utils as mu
 
     mu.init_parallel(ws)
     report = {}
-    for dispatcher in ("alltoall", "allgather"):
+    if device == "cuda":
+        device = f"cuda:{rank}"
+    for dispatcher in dispatchers:
         for recompute in (False, True):
             kw = dict(recompute_granularity="selective", recompute_modules=["moe"]) if recompute else {}
-            plain, layer, experts = _build_pair(ws, dispatcher, lplb_dict, **kw)
+            plain, layer, experts = _build_pair(ws, dispatcher, lplb_dict, device, **kw)
             assert layer.moe_layer_recompute == recompute
             torch.manual_seed(100 + rank)
-            x = torch.randn(24, 2, 16) + 1.0
-            w = torch.randn(24, 2, 16)
+            x = (torch.randn(24, 2, 16) + 1.0).to(device)
+            w = torch.randn(24, 2, 16).to(device)
             out_p, gx_p = _run(plain, x, w)
             out_l, gx_l = _run(layer, x, w)
             key = f"{dispatcher}{'+recompute' if recompute else ''}"
@@ -87,9 +91,9 @@ def _layer_parity(rank, ws, lplb_dict):
             r["batches"] = layer.balancer.stats.batches
             # replica gradient sums vs plain expert gradients
             S = layer.placement.slots_per_rank
-            slot_grads = {layer.ep_rank * S + i: [p.grad.clone() for p in params]
+            slot_grads = {layer.ep_rank * S + i: [p.grad.cpu().clone() for p in params]
                           for i, params in enumerate(layer.local_slot_params())}
-            plain_grads = {plain.local_expert_indices[i]: [p.grad.clone() for p in ex.parameters()]
+            plain_grads = {plain.local_expert_indices[i]: [p.grad.cpu().clone() for p in ex.parameters()]
                            for i, ex in enumerate(plain.experts.local_experts)}
             all_slots, all_plain = {}, {}
             for d in mu.gather_objects(slot_grads):
@@ -111,16 +115,19 @@ def _layer_parity(rank, ws, lplb_dict):
     return report
 
 
-@pytest.mark.parametrize("ws,lplb_dict", [(1, EP1_CFG), (2, EP2_CFG)], ids=["ep1", "ep2"])
-def test_layer_parity(ws, lplb_dict):
-    reports = dist_utils.run(_layer_parity, ws, lplb_dict)
+def check_reports(reports, n_physical=10):
     for rank, report in enumerate(reports):
         for case, r in report.items():
             where = f"rank {rank} {case}: {r}"
-            assert r["n_physical"] == 10, where
+            assert r["n_physical"] == n_physical, where
             assert r["out"] <= TOL and r["x_grad"] <= TOL and r["router_grad"] <= TOL, where
             assert r["router_grad_norm"] > 0, where
             assert r["replica_grad_sum"] <= TOL, where
             # copies really took part: some non-home copy got tokens, hence a gradient
             assert r["max_nonhome_copy_grad"] > 0, where
             assert r["batches"] == 1, where
+
+
+@pytest.mark.parametrize("ws,lplb_dict", [(1, EP1_CFG), (2, EP2_CFG)], ids=["ep1", "ep2"])
+def test_layer_parity(ws, lplb_dict):
+    check_reports(dist_utils.run(_layer_parity, ws, lplb_dict))

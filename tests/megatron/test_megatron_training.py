@@ -55,7 +55,7 @@ def _copy_plain_into_lplb(plain_ddp, lplb_ddp):
     for k, v in plain_sd.items():
         m = pat.match(k)
         if m:
-            mine[(m.group(1), ep_rank * n_local[m.group(1)] + int(m.group(2)), m.group(3))] = v.clone()
+            mine[(m.group(1), ep_rank * n_local[m.group(1)] + int(m.group(2)), m.group(3))] = v.detach().cpu().clone()
     experts = {}
     for d in mu.gather_objects(mine):
         experts.update(d)
@@ -85,7 +85,7 @@ def _rank_load_hook(store, n_ranks, slot_rank=None):
 
     def hook(module, args, output):
         _, routing_map = output
-        per_expert = routing_map.sum(0).to(torch.float64)
+        per_expert = routing_map.sum(0).to("cpu", torch.float64)
         E = per_expert.numel()
         owner = slot_rank if slot_rank is not None else torch.arange(E) // (E // n_ranks)
         loads = torch.zeros(n_ranks, dtype=torch.float64).index_add_(0, owner, per_expert)
@@ -121,17 +121,19 @@ def _train_parity(rank, ws, steps, lplb_override=None):
                     slot_rank = m._lplb_balancer.placement.slot_rank
                 m.register_forward_hook(_rank_load_hook(loads[name], ws, slot_rank))
     dp_rank = parallel_state.get_data_parallel_rank()
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     losses = {"plain": [], "lplb": []}
     for step in range(1, steps + 1):
-        tokens = pg.batch(step, dp_rank, train, torch.device("cpu"))
+        tokens = pg.batch(step, dp_rank, train, device)
         losses["plain"].append(pg.train_step(*plain, tokens))
         losses["lplb"].append(pg.train_step(*with_lplb, tokens))
     metrics = balance_metrics(with_lplb[0])
     final_diff = max(layer.replica_max_abs_diff() for layer in layers)
     ratio = {}
     for name, per_call in loads.items():
-        total = torch.stack(per_call)  # [calls, ranks], this rank's tokens
+        total = torch.stack(per_call).to(device)  # [calls, ranks], this rank's tokens
         dist.all_reduce(total)  # tokens each EP rank received, per layer call
+        total = total.cpu()
         ratio[name] = float((total.max(1).values / total.mean(1)).mean())
     return {
         "losses": losses, "metrics": metrics, "init_diff": init_diff, "final_diff": final_diff,
@@ -144,7 +146,10 @@ EP4_RING = {"placement": {"policy": "topology", "topology": "ring", "topology_sh
 
 @pytest.mark.parametrize("ws,override", [(2, None), (4, EP4_RING)], ids=["ep2", "ep4"])
 def test_training_parity(ws, override):
-    results = dist_utils.run(_train_parity, ws, 20, override)
+    check_training(dist_utils.run(_train_parity, ws, 20, override))
+
+
+def check_training(results):
     for rank, r in enumerate(results):
         assert r["n_layers"] == 2
         lp, ll = r["losses"]["plain"], r["losses"]["lplb"]
