@@ -50,7 +50,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=4096, help="tokens per rank")
     ap.add_argument("--redundant-per-rank", type=int, default=2)
     ap.add_argument("--policy", choices=("eplb", "topology"), default="topology", help="topology: ring over the EP ranks, 1 copy slot per rank; eplb: EPLB slots on uniform loads")
-    ap.add_argument("--skew", type=float, default=0.5, help="gate bias of the hottest expert")
+    ap.add_argument("--skew", type=float, default=3.0, help="gate logit bias of the hottest expert (linear down to 0)")
     ap.add_argument("--dispatcher", default="alltoall", choices=("alltoall", "allgather"))
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--iters", type=int, default=20)
