@@ -84,7 +84,14 @@ def _all_reduce(buf: torch.Tensor, group, op: str = "sum") -> None:
 
     if dist.get_world_size(group) == 1:
         return
-    dist.all_reduce(buf, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX, group=group)
+    reduce_op = dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX
+    if not buf.is_cuda and dist.get_backend(group) == "nccl":
+        # e.g. weights still on the host at model construction (use_cpu_initialization)
+        staged = buf.to(torch.device("cuda", torch.cuda.current_device()))
+        dist.all_reduce(staged, op=reduce_op, group=group)
+        buf.copy_(staged.cpu())
+        return
+    dist.all_reduce(buf, op=reduce_op, group=group)
 
 
 def _home_values(placement, ep_rank, slot_tensors, group):

@@ -90,8 +90,10 @@ def model_config(model: dict[str, Any], ep: int) -> TransformerConfig:
     return TransformerConfig(**fields)
 
 
-def build(model: dict, train: dict, lplb: Optional[LPLBConfig], ep: int):
+def build(model: dict, train: dict, lplb: Optional[LPLBConfig], ep: int, *, overlap_grad_reduce: bool = False):
     """Build the DDP-wrapped GPT-MoE and its optimizer.
+
+    ``overlap_grad_reduce=True`` exists to show that the plugin rejects it.
 
     Returns:
         ``(ddp_model, optimizer, config)``; ``config.finalize_model_grads_func`` is
@@ -110,7 +112,7 @@ def build(model: dict, train: dict, lplb: Optional[LPLBConfig], ep: int):
     if torch.cuda.is_available():
         gpt.cuda(torch.cuda.current_device())
     ddp = DistributedDataParallel(
-        config, DistributedDataParallelConfig(overlap_grad_reduce=False, use_distributed_optimizer=False), gpt
+        config, DistributedDataParallelConfig(overlap_grad_reduce=overlap_grad_reduce, use_distributed_optimizer=False), gpt
     )
     config.finalize_model_grads_func = finalize_model_grads
     if lplb is not None and lplb.enabled:
@@ -219,6 +221,11 @@ def main(argv: Optional[list[str]] = None) -> list[float]:
     add_lplb_args(parser)
     args = parser.parse_args(argv)
 
+    if args.tensorboard_dir:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            parser.error("--tensorboard-dir needs the tensorboard package (pip install tensorboard)")
     raw = read_config(args.config)
     train = {**TRAIN_DEFAULTS, **(raw.get("train") or {})}
     if args.steps is not None:
@@ -233,8 +240,6 @@ def main(argv: Optional[list[str]] = None) -> list[float]:
         load_checkpoint(ddp, args.load)
     writer = None
     if args.tensorboard_dir and rank == 0:
-        from torch.utils.tensorboard import SummaryWriter
-
         writer = SummaryWriter(args.tensorboard_dir)
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     dp_rank = parallel_state.get_data_parallel_rank()

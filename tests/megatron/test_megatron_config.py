@@ -190,3 +190,24 @@ def test_torch_state_dict_ep1():
     assert r["n_slots"] == 11
     assert r["expert_keys"] == [str(e) for e in range(8)], r
     assert r["same"] <= 1e-6 and r["back"] <= 1e-6 and r["diff"] == 0.0, r
+
+
+def _overlap_rejected(rank, ws):
+    import torch
+
+    import test_megatron_training as tt
+    from lplb_plugin.errors import LPLBConfigError
+
+    pg, model, train, _ = tt._setup(ws)
+    lplb = LPLBConfig.from_dict({"placement": {"policy": "eplb", "redundant_per_rank": 1}})
+    ddp, opt, config = pg.build(model, train, lplb, ws, overlap_grad_reduce=True)
+    try:
+        pg.train_step(ddp, opt, config, pg.batch(1, 0, train, torch.device("cpu")))
+    except LPLBConfigError as e:
+        return str(e)
+    return None
+
+
+def test_overlap_grad_reduce_is_rejected():
+    (msg,) = dist_utils.run(_overlap_rejected, 1)
+    assert msg and "overlap_grad_reduce" in msg

@@ -233,3 +233,31 @@ def test_checkpoint_round_trips(tmp_path):
         assert r["replica_diff"] == 0.0, where
         assert r["placement_layers"] == ["layer_1", "layer_2"], where
         assert max(abs(a - b) for a, b in r["continued"]) <= TOL, where
+
+
+def test_pretrain_script_under_torchrun(tmp_path):
+    """The integration script as a user runs it: torchrun, 2 ranks, LPLB on, save; then
+    plain Megatron loading that checkpoint."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    script = str(dist_utils.ROOT / "integration" / "megatron" / "pretrain_gpt_moe.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCHDYNAMO_DISABLE": "1"}
+
+    def torchrun(*extra):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+               "--master-port", str(dist_utils.free_port()), script, "--config", CONFIG, *extra]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+
+    ckpt = str(tmp_path / "ckpt")
+    lines = torchrun("--steps", "5", "--save", ckpt)
+    assert [ln["step"] for ln in lines] == [5]
+    assert lines[0]["lplb/all/max_over_mean_after"] < lines[0]["lplb/all/max_over_mean_before"]
+    placement = json.loads((tmp_path / "ckpt" / "lplb_placement.json").read_text())
+    assert placement["lplb"]["placement"]["topology"] == "ring" and len(placement["layers"]) == 2
+    plain = torchrun("--steps", "1", "--load", ckpt, "--lplb-enabled", "false")
+    assert len(plain) == 1 and not any(k.startswith("lplb/") for k in plain[0])
