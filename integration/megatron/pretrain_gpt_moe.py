@@ -90,10 +90,14 @@ def model_config(model: dict[str, Any], ep: int) -> TransformerConfig:
     return TransformerConfig(**fields)
 
 
-def build(model: dict, train: dict, lplb: Optional[LPLBConfig], ep: int, *, overlap_grad_reduce: bool = False):
+def build(
+    model: dict, train: dict, lplb: Optional[LPLBConfig], ep: int, *,
+    overlap_grad_reduce: bool = False, use_distributed_optimizer: bool = False,
+):
     """Build the DDP-wrapped GPT-MoE and its optimizer.
 
-    ``overlap_grad_reduce=True`` exists to show that the plugin rejects it.
+    The DDP options exist for the tests (the optimizer here is ``torch.optim.Adam`` on
+    ``main_grad``; Megatron's distributed optimizer needs CUDA).
 
     Returns:
         ``(ddp_model, optimizer, config)``; ``config.finalize_model_grads_func`` is
@@ -112,7 +116,11 @@ def build(model: dict, train: dict, lplb: Optional[LPLBConfig], ep: int, *, over
     if torch.cuda.is_available():
         gpt.cuda(torch.cuda.current_device())
     ddp = DistributedDataParallel(
-        config, DistributedDataParallelConfig(overlap_grad_reduce=overlap_grad_reduce, use_distributed_optimizer=False), gpt
+        config,
+        DistributedDataParallelConfig(
+            overlap_grad_reduce=overlap_grad_reduce, use_distributed_optimizer=use_distributed_optimizer
+        ),
+        gpt,
     )
     config.finalize_model_grads_func = finalize_model_grads
     if lplb is not None and lplb.enabled:

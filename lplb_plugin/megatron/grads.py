@@ -8,10 +8,20 @@ copies over the EP group (:func:`lplb_plugin.replicas.sum_replica_grads`), then 
 wrapped function, so Megatron's own reduction and the optimizer see identical gradients
 on every copy.
 
-Supported: Megatron's ``DistributedDataParallel`` (gradients in ``param.main_grad``) with
-or without the distributed optimizer, and plain modules (``param.grad``).  Rejected:
-``overlap_grad_reduce=True`` (the DP reduction of expert gradients would start during
-backward, before the copies are summed).
+Supported: Megatron's ``DistributedDataParallel`` (gradients in ``param.main_grad``) and
+plain modules (``param.grad``):
+
+- ``overlap_grad_reduce=False`` (with or without the distributed optimizer): the replica
+  sum runs first, on the full gradient buffers, then Megatron's reduction;
+- ``overlap_grad_reduce=True`` without the distributed optimizer: Megatron's all-reduce of
+  the expert gradients has already started during backward, so the replica sum runs
+  after the wrapped function has finished it.  Both the DP all-reduce (over the
+  expert-data-parallel group, a sum with a fixed scale) and the optional ``num_tokens``
+  scaling are linear, so summing the copies afterwards gives the same gradients.
+
+Rejected: ``overlap_grad_reduce=True`` with ``use_distributed_optimizer=True`` (after the
+overlapped reduce-scatter each rank holds only a shard of its buffer, and the copies of
+an expert sit at different buffer offsets on different EP ranks).
 """
 
 from __future__ import annotations
@@ -44,16 +54,27 @@ def _grad_of(param: torch.nn.Parameter) -> torch.Tensor:
     return param.grad
 
 
-def sync_replica_grads(model) -> None:
-    """Sum each replicated expert's gradients over all its copies (collective over each
-    layer's EP group).  Call after backward, before any data-parallel reduction."""
+def _overlapped(model) -> bool:
+    """True if Megatron DDP reduces gradients during backward; rejects the combination
+    with the distributed optimizer."""
+    overlapped = False
     for chunk in _chunks(model):
         ddp_config = getattr(chunk, "ddp_config", None)
         if ddp_config is not None and getattr(ddp_config, "overlap_grad_reduce", False):
-            raise LPLBConfigError(
-                "DistributedDataParallelConfig.overlap_grad_reduce=True is not supported with LPLB "
-                "(expert gradients would be reduced before the replicas are summed); set it to False"
-            )
+            if getattr(ddp_config, "use_distributed_optimizer", False):
+                raise LPLBConfigError(
+                    "DistributedDataParallelConfig.overlap_grad_reduce=True with "
+                    "use_distributed_optimizer=True is not supported with LPLB (the expert gradients "
+                    "are reduce-scattered before the replicas can be summed); set overlap_grad_reduce=False"
+                )
+            overlapped = True
+    return overlapped
+
+
+def sync_replica_grads(model) -> None:
+    """Sum each replicated expert's gradients over all its copies (collective over each
+    layer's EP group).  Call after backward, before the data-parallel reduction, or after
+    a completed all-reduce (not after a reduce-scatter)."""
     for layer in lplb_layers(model):
         slot_grads = [[_grad_of(p) for p in params] for params in layer.local_slot_params()]
         sum_replica_grads(layer.placement, layer.ep_rank, slot_grads, layer._ep_group_or_none)
@@ -73,10 +94,12 @@ def install_replica_grad_sync(config) -> None:
         return
 
     def finalize_model_grads_with_replicas(model, *args, **kwargs):
+        if _overlapped(model):
+            out = previous(model, *args, **kwargs) if previous is not None else None
+            sync_replica_grads(model)
+            return out
         sync_replica_grads(model)
-        if previous is not None:
-            return previous(model, *args, **kwargs)
-        return None
+        return previous(model, *args, **kwargs) if previous is not None else None
 
     finalize_model_grads_with_replicas._lplb_wrapped = True
     finalize_model_grads_with_replicas.wrapped = previous

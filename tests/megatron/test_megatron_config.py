@@ -200,7 +200,7 @@ def _overlap_rejected(rank, ws):
 
     pg, model, train, _ = tt._setup(ws)
     lplb = LPLBConfig.from_dict({"placement": {"policy": "eplb", "redundant_per_rank": 1}})
-    ddp, opt, config = pg.build(model, train, lplb, ws, overlap_grad_reduce=True)
+    ddp, opt, config = pg.build(model, train, lplb, ws, overlap_grad_reduce=True, use_distributed_optimizer=True)
     try:
         pg.train_step(ddp, opt, config, pg.batch(1, 0, train, torch.device("cpu")))
     except LPLBConfigError as e:
@@ -208,6 +208,6 @@ def _overlap_rejected(rank, ws):
     return None
 
 
-def test_overlap_grad_reduce_is_rejected():
+def test_overlap_grad_reduce_with_distributed_optimizer_is_rejected():
     (msg,) = dist_utils.run(_overlap_rejected, 1)
-    assert msg and "overlap_grad_reduce" in msg
+    assert msg and "overlap_grad_reduce=True with use_distributed_optimizer=True" in msg

@@ -22,13 +22,13 @@ CONFIG = str(dist_utils.ROOT / "configs" / "megatron_tiny_moe.yaml")
 TOL = 1e-5
 
 
-def _setup(ws):
+def _setup(ws, ep=None):
     from integration.megatron import pretrain_gpt_moe as pg
     from lplb_plugin import LPLBConfig
 
     raw = pg.read_config(CONFIG)
     train = {**pg.TRAIN_DEFAULTS, **raw["train"]}
-    pg.init_distributed(ws, train["seed"])
+    pg.init_distributed(ep or ws, train["seed"])
     return pg, raw["model"], train, LPLBConfig.from_dict(raw["lplb"])
 
 
@@ -94,7 +94,7 @@ def _rank_load_hook(store, n_ranks, slot_rank=None):
     return hook
 
 
-def _train_parity(rank, ws, steps, lplb_override=None):
+def _train_parity(rank, ws, steps, lplb_override=None, overlap=False, ep=None):
     import torch
     import torch.distributed as dist
     from megatron.core import parallel_state
@@ -102,13 +102,14 @@ def _train_parity(rank, ws, steps, lplb_override=None):
     from lplb_plugin.megatron import balance_metrics, lplb_layers
     from lplb_plugin.megatron.router import LPLBRouter
 
-    pg, model, train, lplb = _setup(ws)
+    ep = ep or ws
+    pg, model, train, lplb = _setup(ws, ep)
     if lplb_override is not None:
         from lplb_plugin import LPLBConfig
 
         lplb = LPLBConfig.from_dict(lplb_override)
-    plain = pg.build(model, train, None, ws)
-    with_lplb = pg.build(model, train, lplb, ws)
+    plain = pg.build(model, train, None, ep, overlap_grad_reduce=overlap)
+    with_lplb = pg.build(model, train, lplb, ep, overlap_grad_reduce=overlap)
     _copy_plain_into_lplb(plain[0], with_lplb[0])
     layers = lplb_layers(with_lplb[0])
     init_diff = max(layer.replica_max_abs_diff() for layer in layers)
@@ -119,7 +120,7 @@ def _train_parity(rank, ws, steps, lplb_override=None):
                 slot_rank = None
                 if isinstance(m, LPLBRouter):
                     slot_rank = m._lplb_balancer.placement.slot_rank
-                m.register_forward_hook(_rank_load_hook(loads[name], ws, slot_rank))
+                m.register_forward_hook(_rank_load_hook(loads[name], ep, slot_rank))
     dp_rank = parallel_state.get_data_parallel_rank()
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     losses = {"plain": [], "lplb": []}
@@ -144,9 +145,15 @@ def _train_parity(rank, ws, steps, lplb_override=None):
 EP4_RING = {"placement": {"policy": "topology", "topology": "ring", "topology_shape": [4], "redundant_per_rank": 1}}
 
 
-@pytest.mark.parametrize("ws,override", [(2, None), (4, EP4_RING)], ids=["ep2", "ep4"])
-def test_training_parity(ws, override):
-    check_training(dist_utils.run(_train_parity, ws, 20, override))
+@pytest.mark.parametrize(
+    "ws,ep,override,overlap",
+    [(2, 2, None, False), (4, 4, EP4_RING, False), (4, 2, None, True)],
+    ids=["ep2", "ep4", "dp4-ep2-overlap-grad-reduce"],
+)
+def test_training_parity(ws, ep, override, overlap):
+    """``dp4-ep2``: 4 ranks, EP=2, so each expert is also reduced over an
+    expert-data-parallel group of 2, with Megatron's overlapped grad reduce."""
+    check_training(dist_utils.run(_train_parity, ws, 20, override, overlap, ep))
 
 
 def check_training(results):
