@@ -17,5 +17,5 @@ if str(ROOT) not in sys.path:
 if os.environ.get("LPLB_REQUIRE_MEGATRON") == "1" and importlib.util.find_spec("megatron.core") is None:
     raise RuntimeError(
         "LPLB_REQUIRE_MEGATRON=1 but megatron-core is not installed: "
-        "pip install --no-deps --ignore-requires-python megatron-core==0.19.2 && pip install triton"
+        "pip install --no-deps --ignore-requires-python megatron-core==0.19.2 && pip install triton psutil"
     )
