@@ -7,6 +7,7 @@ import json
 import sys
 
 from .errors import LPLBError
+from .report import REPORT_POLICIES, ReportSpec, format_markdown, run_report, write_report
 from .simulate import DEFAULT_POLICIES, POLICIES, SimulationSpec, format_table, plot, run_simulation
 
 
@@ -54,11 +55,50 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--plot", default=None, metavar="OUT.png", help="draw per-rank loads and max/mean over batches")
     sim.add_argument("--json", default=None, metavar="OUT.json", help="write the full results as JSON")
     sim.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+    r = ReportSpec()
+    rep = sub.add_parser(
+        "report",
+        help="evaluate balancing policies on expert-load files across EP sizes and nodes",
+        description="Evaluate no balancing, EPLB, upstream LPLB and the exact split, with replicas kept "
+        "inside a node or allowed across nodes, at several EP sizes, placing on one load profile and "
+        "evaluating on batches from another (drift). Writes report.md, report.json and a PNG.",
+    )
+    rep.add_argument("--place-on", default=r.place_on, help="profile to place on: 'decode', 'prefill' or a file (default %(default)s)")
+    rep.add_argument("--eval-on", default=r.eval_on, help="profile batches are drawn from (default %(default)s)")
+    rep.add_argument("--ep", type=_int_list, default=list(r.ep_sizes), help="EP sizes, comma list (default 16,32,64)")
+    rep.add_argument("--gpus-per-node", type=int, default=r.gpus_per_node, help="(default %(default)s)")
+    rep.add_argument("--redundant-per-rank", type=int, default=r.redundant_per_rank, help="(default %(default)s)")
+    rep.add_argument("--num-groups", type=int, default=r.num_groups, help="expert groups for EPLB (default %(default)s)")
+    rep.add_argument("--tokens-per-rank", type=int, default=r.tokens_per_rank, help="(default %(default)s)")
+    rep.add_argument("--topk", type=int, default=r.topk, help="(default %(default)s)")
+    rep.add_argument("--batches", type=int, default=r.batches, help="batches per EP size and drift setting (default %(default)s)")
+    rep.add_argument("--policies", default=",".join(REPORT_POLICIES), help=f"comma list of {', '.join(REPORT_POLICIES)}")
+    rep.add_argument("--seed", type=int, default=r.seed)
+    rep.add_argument("--out", default="lplb_report", help="output folder (default %(default)s)")
+    rep.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "report":
+        spec = ReportSpec(
+            place_on=args.place_on, eval_on=args.eval_on, ep_sizes=tuple(args.ep),
+            gpus_per_node=args.gpus_per_node, redundant_per_rank=args.redundant_per_rank,
+            num_groups=args.num_groups, tokens_per_rank=args.tokens_per_rank, topk=args.topk,
+            batches=args.batches, seed=args.seed,
+            policies=tuple(p.strip() for p in args.policies.split(",") if p.strip()),
+        )
+        try:
+            report = run_report(spec, progress=not args.no_progress)
+        except (LPLBError, FileNotFoundError) as exc:
+            print(f"lplb report: error: {exc}", file=sys.stderr)
+            return 2
+        paths = write_report(report, args.out)
+        print(format_markdown(report))
+        print("written: " + ", ".join(str(p) for p in paths))
+        return 0
     if args.command == "simulate":
         spec = SimulationSpec(
             n_experts=args.n_experts, topk=args.topk, ep_size=args.ep_size,

@@ -37,7 +37,7 @@ from typing import Any, ClassVar, Optional
 
 from .errors import LPLBConfigError, LPLBInputError
 
-__all__ = ["LPLBConfig", "PlacementConfig", "IPMConfig", "TOPOLOGIES"]
+__all__ = ["LPLBConfig", "PlacementConfig", "IPMConfig", "LPConfig", "StatsConfig", "TOPOLOGIES"]
 
 #: Upstream LPLB topologies: name -> (redundant slots per rank ``n_redundant``,
 #: fixed group size or ``None`` when it comes from ``topology_shape``).
@@ -543,6 +543,57 @@ class PlacementConfig(_ConfigSection):
 
 
 @dataclass(frozen=True)
+class LPConfig(_ConfigSection):
+    """Where replicas, and so the tokens the LP moves, may live across nodes.
+
+    Attributes:
+        scope: ``"node"``: every copy of an expert stays inside one node (moved tokens
+            ride NVLink); EPLB runs its hierarchical policy and topology groups must
+            fit in a node.  ``"global"``: copies may sit on other nodes (more
+            freedom to balance, moved tokens cross the inter-node network).  Nodes
+            are ``placement.num_nodes`` equal slices of the EP group.
+    """
+
+    _PATH: ClassVar[str] = "lplb.lp"
+
+    scope: str = _opt("node", _Choice("node", "global"), "Keep every expert's copies in one node, or allow cross-node copies.")
+
+
+@dataclass(frozen=True)
+class StatsConfig(_ConfigSection):
+    """Where a batch's per-expert counts come from and how they are summed over the
+    EP group (see docs/stats.md).
+
+    Attributes:
+        source: ``"router"`` (count the router's ``topk_idx``), ``"deepep"`` (DeepEP's
+            dispatch layout, after ``Planner.init_from_deep_ep``) or ``"auto"``
+            (deepep once a DeepEP buffer is attached, router otherwise).
+        comm: ``"torch"`` (``torch.distributed.all_reduce``: NCCL on GPU, gloo on
+            CPU), ``"nvshmem"`` (nvshmem4py, GPU only) or ``"auto"`` (torch).
+        check_consistency: before the first reduction, check that every EP rank runs
+            the same plugin configuration, failing with a clear error rather than a
+            hang or a wrong sum.
+        timeout_s: how long that check waits for the other ranks.
+        nvshmem_heap_mb: NVSHMEM symmetric heap size when ``comm = nvshmem`` and
+            ``NVSHMEM_SYMMETRIC_SIZE`` is not set.
+    """
+
+    _PATH: ClassVar[str] = "lplb.stats"
+
+    source: str = _opt("auto", _Choice("auto", "router", "deepep"), "Where per-expert counts come from.")
+    comm: str = _opt("auto", _Choice("auto", "torch", "nvshmem"), "How counts are summed over the EP group.")
+    check_consistency: bool = _opt(
+        True, _Bool(), "Check once that every EP rank runs the same plugin configuration."
+    )
+    timeout_s: float = _opt(
+        120.0, _Float(0.0, 86400.0, lo_open=True), "Seconds the consistency check waits for the other ranks."
+    )
+    nvshmem_heap_mb: int = _opt(
+        64, _Int(1, 1 << 20), "NVSHMEM symmetric heap (MiB) when comm = nvshmem and NVSHMEM_SYMMETRIC_SIZE is unset."
+    )
+
+
+@dataclass(frozen=True)
 class LPLBConfig(_ConfigSection):
     """The whole ``lplb`` block.
 
@@ -551,6 +602,8 @@ class LPLBConfig(_ConfigSection):
         solver: ``"auto"`` (currently the exact solver), ``"exact"`` or ``"ipm"``.
         placement: :class:`PlacementConfig`.
         ipm: :class:`IPMConfig` (used when the IPM solver is selected).
+        lp: :class:`LPConfig` (node or global replica scope).
+        stats: :class:`StatsConfig` (count sources and the EP reduction).
         warn_on_fallback: log a warning when a solve falls back to a safe split.
 
     Build it with :meth:`from_dict`, :meth:`from_file` (YAML / JSON) or directly;
@@ -563,9 +616,44 @@ class LPLBConfig(_ConfigSection):
     solver: str = _opt("auto", _Choice("auto", "exact", "ipm"), "LP solver; auto = exact.")
     placement: PlacementConfig = _sub(PlacementConfig, "Placement of the physical experts.")
     ipm: IPMConfig = _sub(IPMConfig, "Interior-point solver options.")
+    lp: LPConfig = _sub(LPConfig, "Scope of replicas and of the LP: inside a node or across nodes.")
+    stats: StatsConfig = _sub(StatsConfig, "Token statistics: count source and EP reduction.")
     warn_on_fallback: bool = _opt(
         True, _Bool(), "Log a warning when a solve falls back to a safe split."
     )
+
+    def validate_for(self, n_logical: int, ep_size: int) -> None:
+        """Check the whole block fits a model with ``n_logical`` routed experts on
+        ``ep_size`` EP ranks: the placement's own rules, and that ``lp.scope: node``
+        can keep every expert's copies inside one of ``placement.num_nodes`` nodes.
+
+        Raises:
+            LPLBInputError / LPLBConfigError: see :meth:`PlacementConfig.validate_for`.
+        """
+        pc = self.placement
+        pc.validate_for(n_logical, ep_size)
+        nodes = pc.num_nodes
+        if self.lp.scope != "node" or nodes == 1:
+            return
+        problems = []
+        if ep_size % nodes:
+            problems.append(
+                f"lplb.lp.scope='node' splits the EP group into lplb.placement.num_nodes={nodes} nodes, "
+                f"so ep_size={ep_size} must be a multiple of it"
+            )
+        elif pc.policy == "topology" and (ep_size // nodes) % pc.group_size:
+            problems.append(
+                f"lplb.lp.scope='node': lplb.placement.topology={pc.topology!r} groups {pc.group_size} ranks, "
+                f"which must fit in a node of {ep_size // nodes} ranks (ep_size={ep_size}, num_nodes={nodes}); "
+                f"use a smaller topology or lplb.lp.scope='global'"
+            )
+        elif pc.policy == "eplb" and n_logical % nodes:
+            problems.append(
+                f"lplb.lp.scope='node' with policy 'eplb' packs experts onto {nodes} nodes: "
+                f"n_logical={n_logical} must be a multiple of lplb.placement.num_nodes"
+            )
+        if problems:
+            _raise(problems, "lplb")
 
     @property
     def resolved_solver(self) -> str:

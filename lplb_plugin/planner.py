@@ -21,7 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import LPLBConfig
+from .config import LPLBConfig, StatsConfig
+from . import kernels
 from .counting import check_topk_idx, count_tokens
 from .errors import LPLBInputError
 from .layout import ExpertPlacement
@@ -29,9 +30,10 @@ from .placement import rebalance_experts
 from .problem import SplitGraph
 from .redirect import copy_fractions, redirect
 from .solvers import check_loads, solve_graph
+from .stats import TokenStats, config_fingerprint
 from .topology import by_name, validate_r2o
 
-__all__ = ["Planner", "SplitPlan", "expert_order_by_load", "placement_from_config"]
+__all__ = ["Planner", "SplitPlan", "eplb_groups_and_nodes", "expert_order_by_load", "placement_from_config"]
 
 
 @dataclass(frozen=True)
@@ -76,6 +78,9 @@ class Planner:
             caller passes global counts (single process / simulation).
         solver: ``"exact"`` (default), ``"ipm"`` or ``"auto"`` (= exact).
         ipm_max_iters, ipm_tol: IPM options.
+        warn_on_fallback: log a warning when a batch's split is a fallback.
+        stats: ``lplb.stats`` options (count source, EP reduction, consistency
+            check); defaults if ``None``.
     """
 
     def __init__(
@@ -89,11 +94,13 @@ class Planner:
         solver: str = "exact",
         ipm_max_iters: int = 100,
         ipm_tol: float = 1e-6,
+        warn_on_fallback: bool = True,
+        stats: StatsConfig | None = None,
     ) -> None:
         r2o = validate_r2o(redundant_to_original)
         ep_size = _resolve_ep_size(ep_size, group)
         placement = ExpertPlacement.from_r2o(r2o, n_routed_experts, n_logical_routed_experts, ep_size)
-        self._init(placement, group, solver, ipm_max_iters, ipm_tol)
+        self._init(placement, group, solver, ipm_max_iters, ipm_tol, warn_on_fallback, stats)
         self.r2o = r2o
         self.group_size, self.num_redundants = r2o.shape
         self.n_group = ep_size // self.group_size
@@ -112,6 +119,8 @@ class Planner:
         solver: str = "exact",
         ipm_max_iters: int = 100,
         ipm_tol: float = 1e-6,
+        warn_on_fallback: bool = True,
+        stats: StatsConfig | None = None,
     ) -> "Planner":
         """A planner for any placement (e.g. from EPLB).  ``n_group`` is the number of
         connected components of its replica graph; the upstream stage methods that
@@ -124,7 +133,7 @@ class Planner:
                 f"group has {_group_size(group)} ranks but the placement has n_ranks={placement.n_ranks}"
             )
         self = cls.__new__(cls)
-        self._init(placement, group, solver, ipm_max_iters, ipm_tol)
+        self._init(placement, group, solver, ipm_max_iters, ipm_tol, warn_on_fallback, stats)
         self.r2o = None
         self.group_size = placement.n_ranks
         self.num_redundants = None
@@ -159,11 +168,12 @@ class Planner:
         planner = cls.from_placement(
             placement, group, solver=config.resolved_solver,
             ipm_max_iters=config.ipm.max_iters, ipm_tol=config.ipm.tol,
+            warn_on_fallback=config.warn_on_fallback, stats=config.stats,
         )
         planner._config = config
         return planner
 
-    def _init(self, placement, group, solver, ipm_max_iters, ipm_tol) -> None:
+    def _init(self, placement, group, solver, ipm_max_iters, ipm_tol, warn_on_fallback, stats) -> None:
         if solver == "auto":
             solver = "exact"
         if solver not in ("exact", "ipm"):
@@ -171,7 +181,9 @@ class Planner:
         self.group = group
         self.solver = solver
         self._solver_options = {"max_iters": ipm_max_iters, "tol": ipm_tol} if solver == "ipm" else {}
+        self._solver_options["warn"] = bool(warn_on_fallback)
         self._config = None
+        self._stats_config = stats
         self._set_placement(placement)
 
     def _set_placement(self, placement: ExpertPlacement) -> None:
@@ -183,6 +195,15 @@ class Planner:
         self.n_local_routed_experts = placement.n_physical // placement.n_ranks
         self.n_local_logical_routed_experts = placement.n_logical // placement.n_ranks
         self._device_tables: dict[torch.device, torch.Tensor] = {}
+        # what every EP rank must agree on before counts are summed
+        fingerprint = config_fingerprint(
+            n_logical=placement.n_logical, n_physical=placement.n_physical, ep_size=placement.n_ranks,
+            phy2log=placement.phy2log, solver=self.solver,
+        )
+        old_source = getattr(getattr(self, "stats", None), "source", None)
+        self.stats = TokenStats(placement.n_logical, self.group, self._stats_config, fingerprint)
+        if old_source is not None and old_source.name == "deepep":
+            self.stats.source = old_source  # a re-placement keeps the attached DeepEP buffer
 
     # ------------------------------------------------------------------ placement
     @property
@@ -244,17 +265,43 @@ class Planner:
             sums of per-chunk histograms, as upstream.
         """
         check_topk_idx(idx, self.n_logical_routed_experts)
+        if idx.is_cuda and kernels.get() is not None:
+            return kernels.count_tokens(idx, self.n_logical_routed_experts, _n_sms(idx, n_sms))
         return count_tokens(idx, self.n_logical_routed_experts, _n_sms(idx, n_sms))
 
     def global_counts(self, counts: torch.Tensor) -> torch.Tensor:
-        """Sum per-rank counts over the EP group (no-op without a group or at size 1)."""
-        if self.group is None or self.ep_size == 1:
-            return counts
-        import torch.distributed as dist
+        """Sum per-rank counts over the EP group (``lplb.stats.comm``; no-op without a
+        group or at size 1).  The first call checks, collectively, that every rank
+        runs the same configuration (``lplb.stats.check_consistency``).
 
-        total = counts.to(torch.int64)
-        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=self.group)
-        return total
+        Returns int32 ``[L]`` on ``counts``' device, identical on every rank.
+        """
+        return self.stats.reduce(counts)
+
+    def global_counts_async(self, counts: torch.Tensor):
+        """Start :meth:`global_counts`; returns a handle whose ``wait()`` gives the
+        result, so the caller can overlap the reduction with other work."""
+        return self.stats.reduce_async(counts)
+
+    def init_from_deep_ep(self, buffer) -> str:
+        """Take counts from a DeepEP V1 buffer (upstream's method).
+
+        Upstream reduces the counts in-kernel through DeepEP's NVSHMEM runtime, which
+        only its own C++ extension can reach.  Here the counts come from the buffer's
+        ``get_dispatch_layout`` (the kernel a DeepEP job runs anyway) and are summed by
+        ``lplb.stats.comm`` (torch.distributed; NVSHMEM would start a second runtime in
+        the process, which DeepEP forbids).  Returns a one-line description of what
+        is used; with ``lplb.stats.source: router`` the buffer is ignored (said so).
+
+        Raises:
+            LPLBConfigError: ``buffer`` is not a DeepEP V1 buffer, or DeepEP cannot be
+                imported; the message says how to fall back to the router counts.
+        """
+        message = self.stats.attach_deep_ep(buffer)
+        import logging
+
+        logging.getLogger("lplb_plugin").info("lplb: %s", message)
+        return message
 
     def plan(self, global_counts: torch.Tensor, device: torch.device | str | None = None) -> SplitPlan:
         """Solve the split for global per-expert counts.
@@ -278,8 +325,13 @@ class Planner:
 
     def redirect(self, idx: torch.Tensor, plan: SplitPlan) -> torch.Tensor:
         """Rewrite this rank's logical ids into physical ids realising ``plan``
-        (same shape, dtype and device; ``-1`` kept)."""
-        return redirect(idx, plan.cum_frac.to(idx.device), self._log2phy_on(idx.device), check=False)
+        (same shape, dtype and device; ``-1`` kept).  On a GPU with the CUDA kernels
+        the count + map kernels do it (bit-identical to the torch reference)."""
+        cum = plan.cum_frac.to(idx.device)
+        if idx.is_cuda and kernels.get() is not None:
+            counts, prefix = kernels.count_tokens(idx, self.n_logical_routed_experts, _n_sms(idx, None))
+            return kernels.map_tokens(idx, prefix, counts, cum, self._log2phy_on(idx.device))
+        return redirect(idx, cum, self._log2phy_on(idx.device), check=False)
 
     def run(self, idx: torch.Tensor, avail_counter: torch.Tensor | None = None, n_sms: int | None = None) -> torch.Tensor:
         """Count, all-reduce, solve and redirect.
@@ -291,15 +343,20 @@ class Planner:
                 writes it; int64 is accepted too, unlike upstream whose README example
                 passes int64 to an int32 kernel).  Incremented by the number of LP
                 groups (connected components) solved to proven optimality.
-            n_sms: accepted for upstream compatibility; the torch path's rewrite does
-                not depend on it.
+            n_sms: accepted (and validated) for upstream compatibility; the torch
+                path's rewrite does not depend on it.
+
+        Counts come from ``lplb.stats.source`` (the router's ``idx``, or DeepEP after
+        :meth:`init_from_deep_ep`) and are summed by ``lplb.stats.comm``.
 
         Returns:
             physical ids, same shape/dtype/device as ``idx``.
         """
         _check_counter(avail_counter)
-        counts, _ = self.count_workload(idx, n_sms or 1)
-        plan = self.plan(self.global_counts(counts), device=idx.device)
+        check_topk_idx(idx, self.n_logical_routed_experts)
+        if n_sms is not None:
+            _n_sms(idx, n_sms)  # validated for compatibility; the rewrite does not use it
+        plan = self.plan(self.global_counts(self.stats.local_counts(idx)), device=idx.device)
         if avail_counter is not None and plan.optimal:
             avail_counter.add_(self.n_group)
         return self.redirect(idx, plan)
@@ -414,6 +471,10 @@ def placement_from_config(
 ) -> ExpertPlacement:
     """Build the placement a config describes for one layer.
 
+    ``lplb.lp.scope`` decides where copies may go: ``node`` keeps every expert's copies
+    inside one of ``placement.num_nodes`` nodes (EPLB's hierarchical policy; topology
+    groups inside a node), ``global`` lets them cross nodes (EPLB's global policy).
+
     Args:
         config: the ``lplb`` block.
         n_logical: logical experts; ep_size: EP ranks.
@@ -422,7 +483,8 @@ def placement_from_config(
             order for topologies, uniform loads for EPLB).
     """
     pc = config.placement
-    n_physical = pc.physical_experts(n_logical, ep_size)
+    config.validate_for(n_logical, ep_size)
+    n_physical = n_logical + ep_size * pc.redundant_per_rank
     if workload is None and pc.workload is not None:
         from .data import load_profile
 
@@ -440,9 +502,24 @@ def placement_from_config(
         order = None if workload is None else expert_order_by_load(workload, ep_size)
         return ExpertPlacement.from_r2o(r2o, n_physical, n_logical, ep_size, order)
     weight = torch.ones(n_logical, dtype=torch.float64) if workload is None else workload
-    groups, nodes = pc.num_groups, pc.num_nodes
+    groups, nodes = eplb_groups_and_nodes(config, n_logical)
     phy2log, _, _ = rebalance_experts(weight.unsqueeze(0), n_physical, groups, nodes, ep_size)
     return ExpertPlacement.from_phy2log(phy2log[0], ep_size, n_logical)
+
+
+def eplb_groups_and_nodes(config: LPLBConfig, n_logical: int) -> tuple[int, int]:
+    """``(num_groups, num_nodes)`` to pass to EPLB for ``lplb.lp.scope``.
+
+    ``global``: EPLB's global policy (replicas anywhere).  ``node``: its hierarchical
+    policy, whose replicas stay inside a node; when the routing groups cannot be
+    spread over the nodes (``num_groups % num_nodes != 0``) every expert is its own
+    group for placement, so nodes still get balanced loads.
+    """
+    pc = config.placement
+    if config.lp.scope == "global" or pc.num_nodes == 1:
+        return (1, 1) if config.lp.scope == "global" else (pc.num_groups, 1)
+    groups = pc.num_groups if pc.num_groups % pc.num_nodes == 0 else n_logical
+    return groups, pc.num_nodes
 
 
 def _group_size(group) -> int:

@@ -136,6 +136,15 @@ class SplitGraph:
         x[moved] = edge_flow.to(torch.float64)[e] / self.edge_mult[e]
         return x
 
+    def even_flow(self, loads: torch.Tensor) -> torch.Tensor:
+        """float64 ``[E]``: every movable expert's load spread evenly over its slots
+        (what static replication without a per-batch split does)."""
+        demand = self.demands(loads)
+        slots = torch.zeros(self.n_movable, dtype=torch.float64).index_add_(
+            0, self.edge_expert, self.edge_mult.to(torch.float64)
+        )
+        return demand[self.edge_expert] * self.edge_mult / slots[self.edge_expert]
+
     def edge_flow_from_slots(self, x: torch.Tensor) -> torch.Tensor:
         """float64 ``[E]``: inverse of :meth:`slot_split` on the movable slots."""
         x = x.to("cpu", torch.float64)

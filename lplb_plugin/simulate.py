@@ -200,7 +200,7 @@ class _Policy:
         graph: SplitGraph = planner._graph
         t0 = time.perf_counter()
         if self.split == "even":
-            flow = _even_flow(graph, counts)
+            flow = graph.even_flow(counts)
             optimal = False
         else:  # upstream's 5-iteration IPM, emulated
             from .solvers.lplb_ipm import solve_lplb_ipm
@@ -212,13 +212,6 @@ class _Policy:
         cum = copy_fractions(x, planner.log2phy, planner.logcnt)
         rl = graph.rank_loads(graph.fixed_loads(counts), flow)
         return planner, SplitPlan(counts, x, cum, rl, optimal, seconds)
-
-
-def _even_flow(graph: SplitGraph, counts: torch.Tensor) -> torch.Tensor:
-    """Each movable expert's tokens spread evenly over its slots."""
-    demand = graph.demands(counts)
-    slots = torch.zeros(graph.n_movable, dtype=torch.float64).index_add_(0, graph.edge_expert, graph.edge_mult.double())
-    return demand[graph.edge_expert] * graph.edge_mult / slots[graph.edge_expert]
 
 
 def _build_policies(spec: SimulationSpec, place_profile: torch.Tensor) -> list[_Policy]:

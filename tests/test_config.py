@@ -72,6 +72,8 @@ FULL = {
         "workload": "/data/load.json",
     },
     "ipm": {"max_iters": 50, "tol": 1e-4},
+    "lp": {"scope": "global"},
+    "stats": {"source": "router", "comm": "nvshmem", "check_consistency": False, "timeout_s": 30.0, "nvshmem_heap_mb": 16},
     "warn_on_fallback": False,
 }
 
@@ -288,7 +290,7 @@ def test_unknown_key_suggests(d, key, allowed):
 
 
 def test_unknown_key_lists_valid_keys_without_close_match():
-    msg = _err({"zzz": 1}, ["lplb.zzz: unknown key", "enabled, solver, placement, ipm, warn_on_fallback"])
+    msg = _err({"zzz": 1}, ["lplb.zzz: unknown key", "enabled, solver, placement, ipm, lp, stats, warn_on_fallback"])
     assert "did you mean" not in msg
 
 
@@ -527,6 +529,12 @@ def test_describe_and_docs_cover_every_key():
         "lplb.placement.workload",
         "lplb.ipm.max_iters",
         "lplb.ipm.tol",
+        "lplb.lp.scope",
+        "lplb.stats.source",
+        "lplb.stats.comm",
+        "lplb.stats.check_consistency",
+        "lplb.stats.timeout_s",
+        "lplb.stats.nvshmem_heap_mb",
         "lplb.warn_on_fallback",
     ]
     docs = REPO / "docs" / "config.md"

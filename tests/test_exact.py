@@ -145,10 +145,11 @@ def test_fallback_is_valid_and_not_certified():
     for inst in instances(40, seed=4):
         saved = exact._ROUNDS
         try:
-            exact._ROUNDS = (0,)
+            exact._ROUNDS = ()
             r = solve_exact(inst.graph, inst.loads)
         finally:
             exact._ROUNDS = saved
+        assert not r.certified
         assert_valid_split(inst.graph, inst.loads, r.edge_flow)
         t, _ = solve_highs(inst.graph, inst.loads)
         assert r.objective >= t * (1 - 1e-12) - 1e-9

@@ -192,3 +192,26 @@ def test_run_on_cuda_matches_cpu():
     gen = torch.Generator().manual_seed(3)
     idx = rank_batches(gen, 1, tokens=4096)[0]
     assert torch.equal(planner.run(idx.cuda()).cpu(), planner.run(idx))
+
+
+def test_warn_on_fallback_is_honoured(caplog):
+    """lplb.warn_on_fallback: false silences the fallback warning, not the status."""
+    import logging
+
+    from lplb_plugin.solvers import exact
+
+    gen = torch.Generator().manual_seed(9)
+    idx = rank_batches(gen, 1, tokens=512)[0]
+    saved = exact._ROUNDS
+    try:
+        exact._ROUNDS = ()  # no certification attempt: always the fallback
+        for warn in (True, False):
+            cfg = LPLBConfig.from_dict({"warn_on_fallback": warn})
+            planner = Planner.from_config(cfg, 256, ep_size=32)
+            caplog.clear()
+            with caplog.at_level(logging.WARNING, logger="lplb_plugin"):
+                plan = planner.plan(planner.count_workload(idx, 1)[0])
+            assert not plan.optimal
+            assert ("not certified" in caplog.text) == warn
+    finally:
+        exact._ROUNDS = saved

@@ -83,20 +83,24 @@ def check_loads(loads: torch.Tensor, n_logical: int, name: str = "loads") -> tor
     return out
 
 
-def solve_graph(graph: SplitGraph, loads: torch.Tensor, method: str = "exact", **options) -> SolveResult:
+def solve_graph(
+    graph: SplitGraph, loads: torch.Tensor, method: str = "exact", *, warn: bool = True, **options
+) -> SolveResult:
     """Solve one batch on a prepared graph.
 
     Args:
         graph: from :func:`graph_for` or :meth:`SplitGraph.from_placement`.
         loads: ``[L]`` non-negative loads (CPU float64 after :func:`check_loads`).
         method: ``"exact"``, ``"ipm"`` or ``"highs"``.
+        warn: log a warning when the split is a fallback (config
+            ``warn_on_fallback``); ``SolveResult.optimal`` says so either way.
         options: forwarded to the solver (``max_iters``, ``tol`` for ipm).
     """
     if method == "exact":
         from .exact import solve_exact
 
         r = solve_exact(graph, loads, **options)
-        if not r.certified:
+        if not r.certified and warn:
             log.warning(
                 "lplb: exact split not certified after %d rounds; using the best valid split found "
                 "(max load %.6g, proven lower bound %.6g)",
@@ -107,7 +111,7 @@ def solve_graph(graph: SplitGraph, loads: torch.Tensor, method: str = "exact", *
         from .ipm import solve_ipm
 
         r = solve_ipm(graph, loads, **options)
-        if not r.converged:
+        if not r.converged and warn:
             log.warning(
                 "lplb: IPM did not reach its tolerance in %d iterations (gap %.3g); using its valid split",
                 r.iterations, r.gap,

@@ -1,0 +1,122 @@
+"""Planner stage timings on a GPU: CUDA count + map kernels vs the torch path, and
+the host solve, per topology.
+
+256 logical experts, top-8, 4096 and 16384 tokens per rank; placements: ring EP8x1,
+cube EP32 (8x2), hypercube EP16 (16x2), torus EP32 (8x4), cube EP64, EPLB EP32 with
+288 slots.  Kernel figures are CUDA-event timings of CUDA-graph replays (count + map
+captured once, replayed 200 times after warm-up); the torch path is timed the same way
+where it can be captured (its redirect) and by events otherwise; the solve is the
+exact solver on the host (wall clock, median of 50); ``run_ms`` is the full
+``Planner.run`` (count, device->host copy of the counts, host solve, map) timed
+end to end.  Prints one JSON object.
+
+    python benchmarks/bench_planner.py
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lplb_plugin import Planner, kernels, topology  # noqa: E402
+from lplb_plugin.counting import count_tokens  # noqa: E402
+from lplb_plugin.data import load_profile  # noqa: E402
+from lplb_plugin.layout import ExpertPlacement  # noqa: E402
+from lplb_plugin.placement import rebalance_experts  # noqa: E402
+from lplb_plugin.redirect import redirect  # noqa: E402
+
+
+def cases():
+    prof = load_profile("prefill")
+    out = [
+        ("ring8x1-ep8", Planner(topology.ring(8), 256 + 8, 256, ep_size=8)),
+        ("cube-ep32", Planner(topology.cube(), 256 + 64, 256, ep_size=32)),
+        ("hypercube-ep16", Planner(topology.hypercube(), 256 + 32, 256, ep_size=16)),
+        ("torus8x4-ep32", Planner(topology.torus_2d(8, 4), 256 + 64, 256, ep_size=32)),
+        ("cube-ep64", Planner(topology.cube(), 256 + 128, 256, ep_size=64)),
+    ]
+    phy2log, _, _ = rebalance_experts(prof[10:11], 288, 8, 4, 32)
+    out.append(("eplb-ep32-288", Planner.from_placement(ExpertPlacement.from_phy2log(phy2log[0], 32, 256))))
+    return out, prof
+
+
+def event_time(fn, reps: int = 200) -> float:
+    for _ in range(10):
+        fn()
+    torch.cuda.synchronize()
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    for _ in range(reps):
+        fn()
+    b.record()
+    torch.cuda.synchronize()
+    return a.elapsed_time(b) * 1e3 / reps  # us
+
+
+def graph_time(fn, reps: int = 200) -> float:
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return event_time(g.replay, reps)
+
+
+def main() -> None:
+    if not torch.cuda.is_available():
+        print(json.dumps({"benchmark": "planner", "skipped": "needs CUDA"}))
+        return
+    ext = kernels.get()
+    planners, prof = cases()
+    n_sms = torch.cuda.get_device_properties(0).multi_processor_count
+    rows = []
+    for name, planner in planners:
+        for tokens in (4096, 16384):
+            gen = torch.Generator().manual_seed(tokens)
+            logw = torch.log(prof[10] / prof[10].sum()).float()
+            gumbel = -torch.log(-torch.log(torch.rand(tokens, 256, generator=gen).clamp_(1e-20, 1)))
+            idx = torch.topk(logw + gumbel, 8, dim=1).indices.cuda()
+            counts = planner.count_workload(idx)[0] * planner.ep_size  # a global batch
+            plan = planner.plan(counts.cpu(), device="cuda")
+            l2p = planner.log2phy.cuda()
+            row = {"placement": name, "ranks": planner.ep_size, "slots": planner.n_routed_experts, "tokens_per_rank": tokens}
+            if ext is not None:
+                row["count_kernel_us"] = round(graph_time(lambda: ext.count(idx, 256, n_sms)), 2)
+                c, pre = ext.count(idx, 256, n_sms)
+                row["map_kernel_us"] = round(graph_time(lambda: ext.map(idx, pre, c, plan.cum_frac, l2p)), 2)
+                row["count_map_graph_us"] = round(
+                    graph_time(lambda: ext.map(idx, *reversed(ext.count(idx, 256, n_sms)), plan.cum_frac, l2p)), 2
+                )
+            row["torch_count_us"] = round(event_time(lambda: count_tokens(idx, 256, n_sms)), 2)
+            row["torch_redirect_graph_us"] = round(graph_time(lambda: redirect(idx, plan.cum_frac, l2p, check=False)), 2)
+            solve = []
+            for _ in range(50):
+                t0 = time.perf_counter()
+                planner.plan(counts.cpu(), device="cuda")
+                solve.append((time.perf_counter() - t0) * 1e3)
+            row["host_solve_ms"] = round(statistics.median(solve), 3)
+            runs = []
+            for _ in range(30):
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                planner.run(idx)
+                torch.cuda.synchronize()
+                runs.append((time.perf_counter() - t0) * 1e3)
+            row["run_ms"] = round(statistics.median(runs), 3)
+            rows.append(row)
+    print(json.dumps({
+        "benchmark": "planner", "gpu": torch.cuda.get_device_name(0), "torch": torch.__version__,
+        "kernels": ext is not None, "n_sms": n_sms, "rows": rows,
+    }))
+
+
+if __name__ == "__main__":
+    main()

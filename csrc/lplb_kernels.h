@@ -1,0 +1,32 @@
+// CUDA kernels of the Planner's count and map stages (torch-free C++ API).
+//
+// They follow the torch reference exactly (lplb_plugin/counting.py and
+// lplb_plugin/redirect.py): the same chunking, the same sequence numbers, the same
+// float64 boundaries, so their outputs are bit-identical to it.
+#pragma once
+
+#include <cstdint>
+#include <cuda_runtime.h>
+
+namespace lplb {
+
+// Per-chunk histograms of idx (entry i of n belongs to chunk i * n_chunks / n; ids
+// outside [0, n_logical), e.g. -1, are skipped), turned into inclusive prefix sums over
+// chunks: prefix[c * n_logical + e] = entries of e in chunks 0..c.  counts = prefix of
+// the last chunk.  idx is int32 (idx_is_64 = false) or int64.  No host sync.
+cudaError_t count_tokens(const void* idx, bool idx_is_64, int64_t n, int64_t n_logical,
+                         int64_t n_chunks, int32_t* prefix, int32_t* counts, cudaStream_t stream);
+
+// Logical -> physical rewrite.  For entry i with e = idx[i] in [0, n_logical):
+//   seq  = entries of e before i (flattened order), from the chunk prefix sums;
+//   B[k] = floor(counts[e] * cum_frac[e, k]) (float64), B[k] = counts[e] from the last
+//          real copy on, then clamped to [0, counts[e]] and made non-decreasing;
+//   out  = log2phy[e, #{k : B[k] <= seq}].
+// Other entries become -1.  out has idx's dtype.  Deterministic (no atomics decide
+// which token moves).  No host sync.
+cudaError_t map_tokens(const void* idx, bool idx_is_64, int64_t n, int64_t n_logical,
+                       int64_t n_chunks, const int32_t* prefix, const int32_t* counts,
+                       const double* cum_frac, const int64_t* log2phy, int64_t max_copies,
+                       void* out, cudaStream_t stream);
+
+}  // namespace lplb
