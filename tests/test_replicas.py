@@ -1,90 +1,100 @@
-"""lplb_plugin.replicas on one rank (group=None): weight fill / gather, gradient sum,
-identity check.  The multi-rank paths run in tests/deepspeed (real gloo groups)."""
+"""lplb_plugin.replicas: replica gradient sums, home -> copy sync and the divergence
+check, single process and over a real 2-process gloo group."""
+
+from __future__ import annotations
+
+import os
+import socket
 
 import pytest
 import torch
+import torch.multiprocessing as mp
 
 from lplb_plugin.errors import LPLBInputError
 from lplb_plugin.layout import ExpertPlacement
-from lplb_plugin.replicas import (
-    ReplicaLayout,
-    fill_slots_from_logical,
-    gather_owned_logical,
-    replicas_identical,
-    sum_replica_grads,
-    with_replica_grad_sum,
-)
+from lplb_plugin.replicas import copy_home_to_replicas, replica_max_abs_diff, sum_replica_grads
 
-# 3 logical experts, 5 slots on one rank: expert 0 twice, expert 2 twice
-PLACEMENT = ExpertPlacement.from_phy2log(torch.tensor([0, 1, 2, 0, 2]), n_ranks=1, n_logical=3)
+# 2 ranks x 4 slots; expert 0 has 3 copies (two on rank 1), expert 3 has 2
+PHY2LOG = torch.tensor([0, 1, 2, 3, 0, 4, 3, 0])
+SHAPES = [(3, 2), (5,)]
 
 
-def slots(n=5, seed=0):
+def _slot_tensors(seed, n_slots):
     g = torch.Generator().manual_seed(seed)
-    return [[torch.randn(2, 3, generator=g), torch.randn(4, generator=g).double()] for _ in range(n)]
+    return [[torch.randn(*s, generator=g) for s in SHAPES] for _ in range(n_slots)]
 
 
-def test_layout():
-    lay = ReplicaLayout.from_placement(PLACEMENT, 0)
-    assert lay.slot_expert.tolist() == [0, 1, 2, 0, 2]
-    assert lay.n_shared == 2 and lay.shared_row.tolist() == [0, -1, 1, 0, 1]
-    assert list(lay.owned_experts) == [0, 1, 2]
-    with pytest.raises(LPLBInputError, match="ep_rank"):
-        ReplicaLayout.from_placement(PLACEMENT, 1)
+def _expected_sums(all_slots):
+    """all_slots: global slot -> tensors; returns global slot -> summed tensors."""
+    out = {}
+    for slot, e in enumerate(PHY2LOG.tolist()):
+        same = [s for s, x in enumerate(PHY2LOG.tolist()) if x == e]
+        out[slot] = [sum(all_slots[s][j] for s in same) for j in range(len(SHAPES))]
+    return out
 
 
-def test_fill_is_bit_exact_and_gather_inverts_it():
-    lay = ReplicaLayout.from_placement(PLACEMENT, 0)
-    owned = slots(3, seed=1)
-    owned[1][0][0, 0] = -0.0  # a float sum would turn it into +0.0
-    s = slots()
-    fill_slots_from_logical(s, lay, owned)
-    for slot, e in zip(s, lay.slot_expert.tolist()):
-        for a, b in zip(slot, owned[e]):
-            assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
-    assert torch.signbit(s[1][0][0, 0])
-    assert replicas_identical(s, lay)
-    back = gather_owned_logical(s, lay)
-    for a_slot, b_slot in zip(back, owned):
-        for a, b in zip(a_slot, b_slot):
-            assert torch.equal(a, b)
-    s[3][1][0] += 1e-12
-    assert not replicas_identical(s, lay)
-
-
-def test_grad_sum_and_autograd_node():
-    lay = ReplicaLayout.from_placement(PLACEMENT, 0)
-    g = slots(seed=3)
-    out = sum_replica_grads(g, lay)
-    for s, e in enumerate(lay.slot_expert.tolist()):
-        copies = [i for i, x in enumerate(lay.slot_expert.tolist()) if x == e]
-        for t in range(2):
-            want = sum(g[i][t] for i in copies)
-            torch.testing.assert_close(out[s][t], want)
-    assert out[1][0] is g[1][0]  # single copy: untouched
-    assert torch.equal(out[0][0], out[3][0])
-
-    params = [[torch.randn(2, 3, requires_grad=True)] for _ in range(5)]
-    weights = with_replica_grad_sum(params, lay)
-    sum((w[0] * (i + 1)).sum() for i, w in enumerate(weights)).backward()
-    # slot i's own gradient is (i+1); copies of one expert get the sum over its copies
-    want = {0: 1 + 4, 1: 2, 2: 3 + 5}
-    for s, e in enumerate(lay.slot_expert.tolist()):
-        assert torch.equal(params[s][0].grad, torch.full((2, 3), float(want[e])))
-
-    params = [[torch.randn(2, 3, requires_grad=True)] for _ in range(5)]
-    weights = with_replica_grad_sum(params, lay, enabled=False)
-    sum((w[0] * (i + 1)).sum() for i, w in enumerate(weights)).backward()
-    assert torch.equal(params[3][0].grad, torch.full((2, 3), 4.0))
+def test_single_process_all_slots_local():
+    placement = ExpertPlacement.from_phy2log(PHY2LOG, 1)
+    grads = _slot_tensors(0, 8)
+    want = _expected_sums({s: [t.clone() for t in grads[s]] for s in range(8)})
+    sum_replica_grads(placement, 0, grads)
+    for s in range(8):
+        for got, exp in zip(grads[s], want[s]):
+            torch.testing.assert_close(got, exp, rtol=0, atol=1e-6)
+    params = _slot_tensors(1, 8)
+    assert replica_max_abs_diff(placement, 0, params) > 0
+    copy_home_to_replicas(placement, 0, params)
+    assert replica_max_abs_diff(placement, 0, params) == 0.0
+    assert torch.equal(params[7][0], params[0][0]) and not torch.equal(params[1][0], params[0][0])
 
 
 def test_bad_inputs():
-    lay = ReplicaLayout.from_placement(PLACEMENT, 0)
-    with pytest.raises(LPLBInputError, match="must list 5 slots"):
-        sum_replica_grads(slots(4), lay)
-    bad = slots()
-    bad[2] = [torch.zeros(3, 2), torch.zeros(4).double()]
-    with pytest.raises(LPLBInputError, match=r"slot_tensors\[2\]"):
-        replicas_identical(bad, lay)
-    with pytest.raises(LPLBInputError, match="owned must list 3"):
-        fill_slots_from_logical(slots(), lay, slots(2))
+    placement = ExpertPlacement.from_phy2log(PHY2LOG, 2)
+    with pytest.raises(LPLBInputError, match="4 per rank"):
+        sum_replica_grads(placement, 0, _slot_tensors(0, 3))
+    with pytest.raises(LPLBInputError, match="ep_rank"):
+        sum_replica_grads(placement, 2, _slot_tensors(0, 4))
+    bad = _slot_tensors(0, 4)
+    bad[2][1] = torch.zeros(6)
+    with pytest.raises(LPLBInputError, match="shapes differ"):
+        sum_replica_grads(placement, 0, bad)
+
+
+def _worker(rank, port, out):
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    placement = ExpertPlacement.from_phy2log(PHY2LOG, 2)
+    everyone = _slot_tensors(0, 8)  # every rank knows all slots' values, owns 4
+    want = _expected_sums(everyone)
+    mine = [[t.clone() for t in everyone[rank * 4 + i]] for i in range(4)]
+    sum_replica_grads(placement, rank, mine, dist.group.WORLD)
+    err = max(float((g - w).abs().max()) for i in range(4) for g, w in zip(mine[i], want[rank * 4 + i]))
+    params = [[t.clone() for t in everyone[rank * 4 + i]] for i in range(4)]
+    before = replica_max_abs_diff(placement, rank, params, dist.group.WORLD)
+    copy_home_to_replicas(placement, rank, params, dist.group.WORLD)
+    after = replica_max_abs_diff(placement, rank, params, dist.group.WORLD)
+    home_of_0 = everyone[0][0]
+    copies_of_0 = [params[i][0] for i in range(4) if int(PHY2LOG[rank * 4 + i]) == 0]
+    exact = all(torch.equal(c, home_of_0) for c in copies_of_0)
+    out.put((rank, err, before, after, exact))
+    dist.destroy_process_group()
+
+
+def test_two_ranks_gloo():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_worker, args=(r, port, out)) for r in range(2)]
+    for p in procs:
+        p.start()
+    results = sorted(out.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(30)
+        assert p.exitcode == 0
+    for rank, err, before, after, exact in results:
+        assert err <= 1e-6, (rank, err)
+        assert before > 0 and after == 0.0 and exact, (rank, before, after, exact)

@@ -25,10 +25,10 @@ from ..errors import LPLBInputError
 from ..layout import ExpertPlacement
 from .clipping import mark_replicas
 from ..replicas import (
-    ReplicaLayout,
     fill_slots_from_logical,
     gather_owned_logical,
-    replicas_identical,
+    owned_experts,
+    replica_max_abs_diff,
     with_replica_grad_sum,
 )
 
@@ -59,7 +59,8 @@ class LPLBExperts(Experts):
         self.placement = placement
         self.n_owned = len(owned)
         self.sum_replica_grads = True
-        self.layout: Optional[ReplicaLayout] = None
+        self.ep_rank: Optional[int] = None
+        self.slot_expert: Optional[torch.Tensor] = None  # int64 [S], logical expert of each local slot
         self.group = None
         template = owned[0]
         self._tensor_names = list(template.state_dict(keep_vars=True).keys())
@@ -75,20 +76,22 @@ class LPLBExperts(Experts):
     def bind(self, ep_rank: int, group) -> None:
         """Know the EP rank and group; fill every slot from the plain experts
         (collective over ``group``)."""
-        self.layout = ReplicaLayout.from_placement(self.placement, ep_rank)
-        self.group = group
         S = self.placement.slots_per_rank
+        self.owned = owned_experts(self.placement, ep_rank)
+        self.ep_rank = ep_rank
+        self.slot_expert = self.placement.phy2log[ep_rank * S:(ep_rank + 1) * S].clone()
+        self.group = group
         home = self.placement.log2phy[:, 0]
         mark_replicas(self.slot_params(),
-                      [int(home[int(e)]) == ep_rank * S + s for s, e in enumerate(self.layout.slot_expert)])
+                      [int(home[int(e)]) == ep_rank * S + s for s, e in enumerate(self.slot_expert)])
         pending = self.__dict__["_pending"]
         if pending is not None:
-            fill_slots_from_logical(self.slot_tensors(), self.layout, pending, group)
+            fill_slots_from_logical(self.placement, ep_rank, self.slot_tensors(), pending, group)
             self.__dict__["_pending"] = None
 
     @property
     def bound(self) -> bool:
-        return self.layout is not None
+        return self.ep_rank is not None
 
     def slot_tensors(self) -> list[list[torch.Tensor]]:
         """Per slot, its parameters and persistent buffers (in state-dict order)."""
@@ -98,9 +101,9 @@ class LPLBExperts(Experts):
         return [[dict(m.named_parameters())[n] for n in self._param_names] for m in self.deepspeed_experts]
 
     def replicas_identical(self) -> bool:
-        """Whether all copies of every replicated expert are bit-identical (collective)."""
+        """Whether every copy of every replicated expert equals its home copy (collective)."""
         self._require_bound("replicas_identical")
-        return replicas_identical(self.slot_tensors(), self.layout, self.group)
+        return replica_max_abs_diff(self.placement, self.ep_rank, self.slot_params(), self.group) == 0.0
 
     # ----------------------------------------------------------------- forward
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
@@ -115,7 +118,7 @@ class LPLBExperts(Experts):
         self.__dict__["_save_stash"] = None  # a snapshot for state_dict() is stale from here on
         chunks = inputs.chunk(self.num_local_experts, dim=1)
         if torch.is_grad_enabled():
-            weights = with_replica_grad_sum(self.slot_params(), self.layout, self.group,
+            weights = with_replica_grad_sum(self.placement, self.ep_rank, self.slot_params(), self.group,
                                             enabled=self.sum_replica_grads)
         else:
             weights = self.slot_params()
@@ -141,7 +144,8 @@ class LPLBExperts(Experts):
         """Fetch the owned logical experts from the ranks holding them (collective); the
         snapshot serves ``state_dict()`` until the next forward or :meth:`clear_save`."""
         self._require_bound("prepare_save")
-        self.__dict__["_save_stash"] = gather_owned_logical(self.slot_tensors(), self.layout, self.group)
+        self.__dict__["_save_stash"] = gather_owned_logical(self.placement, self.ep_rank, self.slot_tensors(),
+                                                            self.group)
 
     def clear_save(self) -> None:
         self.__dict__["_save_stash"] = None
@@ -153,7 +157,7 @@ class LPLBExperts(Experts):
         if loaded is None:
             return
         self._require_bound("finish_load")
-        fill_slots_from_logical(self.slot_tensors(), self.layout, loaded, self.group)
+        fill_slots_from_logical(self.placement, self.ep_rank, self.slot_tensors(), loaded, self.group)
         self.__dict__["_loaded"] = None
 
     def _owned_view(self) -> list[list[torch.Tensor]]:
@@ -165,11 +169,11 @@ class LPLBExperts(Experts):
             return stash
         out = []
         slots = self.slot_tensors()
-        for e in self.layout.owned_experts:
-            hits = torch.nonzero(self.layout.slot_expert == e).flatten()
+        for e in self.owned:
+            hits = torch.nonzero(self.slot_expert == e).flatten()
             if hits.numel() == 0:
                 raise LPLBInputError(
-                    f"state_dict(): logical expert {e} (owned by EP rank {self.layout.ep_rank} in the "
+                    f"state_dict(): logical expert {e} (owned by EP rank {self.ep_rank} in the "
                     f"plain layout) has no copy on this rank under this placement; call "
                     f"lplb_plugin.deepspeed.prepare_save(model) on every rank first (the engine's "
                     f"save_checkpoint does it when the engine came from lplb_plugin.deepspeed.initialize)"
@@ -178,7 +182,7 @@ class LPLBExperts(Experts):
         return out
 
     def _require_bound(self, what: str) -> None:
-        if self.layout is None:
+        if self.ep_rank is None:
             raise LPLBInputError(
                 f"LPLBExperts.{what}: the EP group is not known yet (deepspeed.initialize, or "
                 f"MoE.set_deepspeed_parallelism(), binds it)"

@@ -59,9 +59,9 @@ def _layer_worker(rank, world_size, ep, k, block, options=None):
         ep_rank * nl + j: [p.grad.clone() for p in e.parameters()]
         for j, e in enumerate(plain.deepspeed_moe.experts.deepspeed_experts)
     }
-    layout = lplb.lplb_experts.layout
+    slot_expert = lplb.lplb_experts.slot_expert
     res_lplb["slot_grads"] = [
-        (int(layout.slot_expert[s]), [p.grad.clone() for p in e.parameters()])
+        (int(slot_expert[s]), [p.grad.clone() for p in e.parameters()])
         for s, e in enumerate(lplb.deepspeed_moe.experts.deepspeed_experts)
     ]
     res_lplb["log2phy"] = lplb.placement.log2phy
