@@ -118,6 +118,10 @@ def main() -> None:
             print(json.dumps({"replicas_identical": identical}), flush=True)
     if args.save_dir:
         engine.save_checkpoint(args.save_dir)
+    # leave together: a rank that exits while others still talk to the rendezvous store
+    # (a multi-node launch hosts it on node 0) can abort the job at teardown
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

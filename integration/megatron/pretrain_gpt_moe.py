@@ -273,6 +273,9 @@ def main(argv: Optional[list[str]] = None) -> list[float]:
         save_checkpoint(ddp, args.save)
     if writer is not None:
         writer.close()
+    # leave together: a rank that exits while others still talk to the rendezvous store
+    # (a multi-node launch hosts it on node 0) can abort the job at teardown
+    dist.barrier()
     parallel_state.destroy_model_parallel()
     dist.destroy_process_group()
     return losses
