@@ -327,9 +327,14 @@ class Planner:
         """Rewrite this rank's logical ids into physical ids realising ``plan``
         (same shape, dtype and device; ``-1`` kept).  On a GPU with the CUDA kernels
         the count + map kernels do it (bit-identical to the torch reference)."""
+        return self._redirect(idx, plan, None)
+
+    def _redirect(self, idx: torch.Tensor, plan: SplitPlan, counted) -> torch.Tensor:
+        """:meth:`redirect`, reusing the CUDA count stage's ``(counts, prefix)`` of this
+        ``idx`` when the caller already ran it."""
         cum = plan.cum_frac.to(idx.device)
         if idx.is_cuda and kernels.get() is not None:
-            counts, prefix = kernels.count_tokens(idx, self.n_logical_routed_experts, _n_sms(idx, None))
+            counts, prefix = counted or kernels.count_tokens(idx, self.n_logical_routed_experts, _n_sms(idx, None))
             return kernels.map_tokens(idx, prefix, counts, cum, self._log2phy_on(idx.device))
         return redirect(idx, cum, self._log2phy_on(idx.device), check=False)
 
@@ -356,10 +361,17 @@ class Planner:
         check_topk_idx(idx, self.n_logical_routed_experts)
         if n_sms is not None:
             _n_sms(idx, n_sms)  # validated for compatibility; the rewrite does not use it
-        plan = self.plan(self.global_counts(self.stats.local_counts(idx)), device=idx.device)
+        counted = None
+        if idx.is_cuda and kernels.get() is not None and self.stats.source.name == "router":
+            # one count kernel feeds both the reduction and the map
+            counted = kernels.count_tokens(idx, self.n_logical_routed_experts, _n_sms(idx, None))
+            local = counted[0]
+        else:
+            local = self.stats.local_counts(idx)
+        plan = self.plan(self.global_counts(local), device=idx.device)
         if avail_counter is not None and plan.optimal:
             avail_counter.add_(self.n_group)
-        return self.redirect(idx, plan)
+        return self._redirect(idx, plan, counted)
 
     # ------------------------------------------------------------------ upstream r2o stages
     def solve_probs(self, workload: torch.Tensor, avail_counter: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
