@@ -1,0 +1,484 @@
+// Block-level primitives that compile twice: as CUDA, where one thread block runs
+// them, and as plain C++, where one host thread runs them in order.
+//
+// Why: the solve kernels are long, branchy numerical code.  Written only with these
+// primitives, the same source is also a CPU program, so CI (which has no GPU) tests the
+// kernels' algorithm against the numpy/torch reference on thousands of instances, and
+// the GPU run only has to confirm that the CUDA build computes the same thing.
+//
+// Rules that make the two builds agree:
+//   * the body of pfor(n, f) must not depend on the order of its indices (no index
+//     reads what another index of the same pfor writes);
+//   * control flow outside the primitives must be uniform: it may only depend on
+//     values every thread holds (reduce() results, kernel arguments, loop counters);
+//   * every primitive ends with a barrier on the device, so anything written inside it
+//     is visible afterwards.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define LPLB_HD __host__ __device__ __forceinline__
+#define LPLB_PRAGMA(x) _Pragma(#x)
+#else
+#define LPLB_HD inline
+#define LPLB_PRAGMA(x)
+#endif
+
+namespace lplb {
+namespace blk {
+
+// Scratch for reductions: one double per warp (device); unused on the host.
+struct Team {
+  double* red;
+};
+
+struct Sum {
+  LPLB_HD double operator()(double a, double b) const { return a + b; }
+  LPLB_HD static double identity() { return 0.0; }
+};
+struct Max {
+  LPLB_HD double operator()(double a, double b) const { return a > b ? a : b; }
+  LPLB_HD static double identity() { return -HUGE_VAL; }
+};
+struct Min {
+  LPLB_HD double operator()(double a, double b) const { return a < b ? a : b; }
+  LPLB_HD static double identity() { return HUGE_VAL; }
+};
+
+// f(i) for i in [0, n), all threads of the block, then a barrier.
+template <typename F>
+LPLB_HD void pfor(const Team&, int n, F&& f) {
+#if defined(__CUDA_ARCH__)
+  for (int i = threadIdx.x; i < n; i += blockDim.x) f(i);
+  __syncthreads();
+#else
+  for (int i = 0; i < n; ++i) f(i);
+#endif
+}
+
+// Like pfor, but only warp 0 works (cheap __syncwarp barriers for the long chains of
+// small dependent steps in a factorisation).  The other warps skip; call
+// team_sync() before anything outside warp 0 reads the results.
+template <typename F>
+LPLB_HD void wfor(const Team&, int n, F&& f) {
+#if defined(__CUDA_ARCH__)
+  if (threadIdx.x < 32) {
+    for (int i = threadIdx.x; i < n; i += 32) f(i);
+    __syncwarp();
+  }
+#else
+  for (int i = 0; i < n; ++i) f(i);
+#endif
+}
+
+LPLB_HD void team_sync(const Team&) {
+#if defined(__CUDA_ARCH__)
+  __syncthreads();
+#endif
+}
+
+// op over f(i), i in [0, n); every thread gets the same value (the device combines the
+// per-warp partials in warp order, so the result is the same on every run).
+template <typename Op, typename F>
+LPLB_HD double reduce(const Team& t, int n, Op op, F&& f) {
+#if defined(__CUDA_ARCH__)
+  double v = Op::identity();
+  for (int i = threadIdx.x; i < n; i += blockDim.x) v = op(v, f(i));
+  for (int off = 16; off > 0; off >>= 1) v = op(v, __shfl_down_sync(0xffffffffu, v, off));
+  const int warps = (blockDim.x + 31) >> 5;
+  if ((threadIdx.x & 31) == 0) t.red[threadIdx.x >> 5] = v;
+  __syncthreads();
+  double r = Op::identity();
+  for (int w = 0; w < warps; ++w) r = op(r, t.red[w]);
+  __syncthreads();  // red[] is reused by the next reduction
+  return r;
+#else
+  (void)t;
+  double r = Op::identity();
+  for (int i = 0; i < n; ++i) r = op(r, f(i));
+  return r;
+#endif
+}
+
+// Two sums at once (one pass, one set of barriers): f(i, a, b) adds into a and b.
+template <typename F>
+LPLB_HD void reduce2(const Team& t, int n, F&& f, double& out_a, double& out_b) {
+#if defined(__CUDA_ARCH__)
+  double a = 0.0, b = 0.0;
+  for (int i = threadIdx.x; i < n; i += blockDim.x) f(i, a, b);
+  for (int off = 16; off > 0; off >>= 1) {
+    a += __shfl_down_sync(0xffffffffu, a, off);
+    b += __shfl_down_sync(0xffffffffu, b, off);
+  }
+  const int warps = (blockDim.x + 31) >> 5;
+  if ((threadIdx.x & 31) == 0) {
+    t.red[threadIdx.x >> 5] = a;
+    t.red[32 + (threadIdx.x >> 5)] = b;
+  }
+  __syncthreads();
+  out_a = 0.0;
+  out_b = 0.0;
+  for (int w = 0; w < warps; ++w) {
+    out_a += t.red[w];
+    out_b += t.red[32 + w];
+  }
+  __syncthreads();
+#else
+  (void)t;
+  out_a = 0.0;
+  out_b = 0.0;
+  for (int i = 0; i < n; ++i) f(i, out_a, out_b);
+#endif
+}
+
+// NaN-propagating max (as torch.maximum / amax): NaN when either argument is NaN.
+LPLB_HD double nanmax(double a, double b) { return (a != a || a > b) ? a : b; }
+
+struct NanMax {
+  LPLB_HD double operator()(double a, double b) const { return nanmax(a, b); }
+  LPLB_HD static double identity() { return -HUGE_VAL; }
+};
+
+// N results in one pass (one set of barriers): slot k is a sum, or a NaN-propagating
+// max when bit k of kMaxMask is set.  f(i, acc) folds element i into acc[0..N) itself
+// (acc[k] += v for a sum, acc[k] = nanmax(acc[k], v) for a max).  Uses t.red[N * warps]
+// (N * warps <= 64: N <= 8 at 256 threads).
+template <int N, unsigned kMaxMask, typename F>
+LPLB_HD void reduce_n(const Team& t, int n, F&& f, double (&out)[N]) {
+  double acc[N];
+LPLB_PRAGMA(unroll)
+  for (int k = 0; k < N; ++k) acc[k] = ((kMaxMask >> k) & 1u) ? -HUGE_VAL : 0.0;
+#if defined(__CUDA_ARCH__)
+  for (int i = threadIdx.x; i < n; i += blockDim.x) f(i, acc);
+LPLB_PRAGMA(unroll)
+  for (int off = 16; off > 0; off >>= 1) {
+LPLB_PRAGMA(unroll)
+    for (int k = 0; k < N; ++k) {
+      const double o = __shfl_down_sync(0xffffffffu, acc[k], off);
+      acc[k] = ((kMaxMask >> k) & 1u) ? nanmax(acc[k], o) : acc[k] + o;
+    }
+  }
+  const int warps = (blockDim.x + 31) >> 5;
+  if ((threadIdx.x & 31) == 0) {
+LPLB_PRAGMA(unroll)
+    for (int k = 0; k < N; ++k) t.red[k * warps + (threadIdx.x >> 5)] = acc[k];
+  }
+  __syncthreads();
+LPLB_PRAGMA(unroll)
+  for (int k = 0; k < N; ++k) {
+    double r = ((kMaxMask >> k) & 1u) ? -HUGE_VAL : 0.0;
+LPLB_PRAGMA(unroll 1)
+    for (int w = 0; w < warps; ++w) r = ((kMaxMask >> k) & 1u) ? nanmax(r, t.red[k * warps + w]) : r + t.red[k * warps + w];
+    out[k] = r;
+  }
+  __syncthreads();
+#else
+  (void)t;
+  for (int i = 0; i < n; ++i) f(i, acc);
+  for (int k = 0; k < N; ++k) out[k] = acc[k];
+#endif
+}
+
+// In-place Cholesky solve of the SPD system A x = b (A: n x n, row-major with leading
+// dimension lda; its lower triangle is overwritten by the factor, b by x).  Right-
+// looking, one column per step; warp 0 alone does it for n <= 64 (its barriers are
+// __syncwarp), the whole block beyond.  A pivot <= 0 (A not numerically SPD) is
+// replaced by 1e-300 and counted in the return value (the same on every thread), so
+// the caller can reject the direction instead of reading NaNs.  Uses t.red[64].
+LPLB_HD int cholesky_solve(const Team& t, double* A, int n, int lda, double* b) {
+  const bool small = n <= 64;
+#if defined(__CUDA_ARCH__)
+  if (!small || threadIdx.x < 32) {
+#endif
+    int bad = 0;
+    auto loop = [&](int m, auto&& f) {
+      if (small) wfor(t, m, f);
+      else pfor(t, m, f);
+    };
+    for (int k = 0; k < n; ++k) {
+      double piv = A[k * lda + k];
+      if (!(piv > 0.0)) {
+        ++bad;
+        piv = 1e-300;
+      }
+      const double d = sqrt(piv);
+      // column k below the diagonal, and b[k] (forward substitution fused in)
+      loop(n - k, [&](int j) {
+        if (j == 0) b[k] = b[k] / d;
+        else A[(k + j) * lda + k] /= d;
+      });
+      // trailing update of the lower triangle, of b, and the diagonal entry k
+      const int m = n - k - 1;
+      const int tri = m * (m + 1) / 2;
+      loop(tri + m + 1, [&](int q) {
+        if (q == tri + m) {
+          A[k * lda + k] = d;
+        } else if (q >= tri) {
+          const int i = k + 1 + (q - tri);
+          b[i] -= A[i * lda + k] * b[k];
+        } else {
+          // q -> (i, j), 0 <= j <= i < m
+          int i = static_cast<int>((sqrt(8.0 * q + 1.0) - 1.0) * 0.5);
+          while ((i + 1) * (i + 2) / 2 <= q) ++i;
+          while (i * (i + 1) / 2 > q) --i;
+          const int j = q - i * (i + 1) / 2;
+          A[(k + 1 + i) * lda + (k + 1 + j)] -= A[(k + 1 + i) * lda + k] * A[(k + 1 + j) * lda + k];
+        }
+      });
+    }
+    // back substitution with L^T; b[k] is divided by the pivot only at the end, so no
+    // step writes what another lane of the same step may still be reading
+    for (int k = n - 1; k >= 0; --k) {
+      const double xk = b[k] / A[k * lda + k];
+      loop(k, [&](int i) { b[i] -= A[k * lda + i] * xk; });
+    }
+    loop(n, [&](int i) { b[i] = b[i] / A[i * lda + i]; });
+#if defined(__CUDA_ARCH__)
+    if (threadIdx.x == 0) t.red[64] = bad;
+  }
+  __syncthreads();
+  return static_cast<int>(t.red[64]);
+#else
+  return bad;
+#endif
+}
+
+// (i, j), 0 <= j <= i, of the q-th entry of a lower triangle stored row by row.
+LPLB_HD void tri_index(int q, int& i, int& j) {
+  i = static_cast<int>((sqrtf(8.0f * static_cast<float>(q) + 1.0f) - 1.0f) * 0.5f);
+  while ((i + 1) * (i + 2) / 2 <= q) ++i;
+  while (i * (i + 1) / 2 > q) --i;
+  j = q - i * (i + 1) / 2;
+}
+
+// LDL^T factorisation in place of the SPD matrix A (n x n, row-major, leading dimension
+// lda; only the lower triangle is read): A = L D L^T with L unit lower triangular.
+// Afterwards the diagonal holds D, the strict upper triangle L^T (A[k][i] = L[i][k]),
+// and the strict lower triangle the unscaled columns L[i][k] D[k].  Right-looking, one
+// column per step and one barrier per step: step k reads only column k and updates
+// the trailing lower triangle, one entry per index, the index of a row's diagonal
+// entry also storing the row's L[i][k].  Steps with more than 32 entries use the whole
+// block (__syncthreads), the smaller last ones warp 0 alone (__syncwarp).  A pivot <= 0
+// (A not numerically SPD) is used as 1e-300 (ldlt_subst does the same) and counted in
+// the return value, the same on every thread.  The arithmetic of a Cholesky factor
+// L D^1/2 up to rounding, without the square roots.  tri_ij (optional): the entries
+// of tri_index for q < n (n + 1) / 2 as (i << 16) | j, read instead of computed.
+// Uses t.red[64].
+LPLB_HD int ldlt_factor(const Team& t, double* A, int n, int lda, const int* tri_ij = nullptr) {
+  int bad = 0;
+  // step k as a pfor / wfor body (the pivot read and checked by every thread)
+  auto step = [&](int k) {
+    double dk = A[k * lda + k];
+    if (!(dk > 0.0)) {
+      ++bad;
+      dk = 1e-300;
+    }
+    const double ik = 1.0 / dk;
+    return [=](int q) {
+      int i, j;
+      if (tri_ij) {
+        i = tri_ij[q] >> 16;
+        j = tri_ij[q] & 0xffff;
+      } else {
+        tri_index(q, i, j);
+      }
+      i += k + 1;
+      j += k + 1;
+      const double l = A[i * lda + k] * ik;
+      if (i == j) A[k * lda + i] = l;
+      A[i * lda + j] -= l * A[j * lda + k];
+    };
+  };
+  int k = 0;
+  // large steps: the whole block
+  for (; k < n; ++k) {
+    const int m = n - k - 1;
+    if (m * (m + 1) / 2 <= 32) break;
+    pfor(t, m * (m + 1) / 2, step(k));
+  }
+#if defined(__CUDA_ARCH__)
+  if (threadIdx.x < 32) {
+#endif
+    for (; k < n; ++k) {
+      const int m = n - k - 1;
+      wfor(t, m * (m + 1) / 2, step(k));
+    }
+#if defined(__CUDA_ARCH__)
+    if (threadIdx.x == 0) t.red[64] = bad;
+  }
+  __syncthreads();
+  return static_cast<int>(t.red[64]);
+#else
+  return bad;
+#endif
+}
+
+// Solves A x = b in place with the factor of ldlt_factor, for one right-hand side b1
+// or two (b2 != nullptr, a uniform choice), and returns the sums of the solutions'
+// entries in sums[0] (and sums[1]) on every thread.  Forward substitution with L,
+// division by D, backward substitution with L^T.  For n <= 64 warp 0 alone keeps b in
+// registers (row lane, and lane + 32 beyond 32 rows) and passes each finished entry by
+// a shuffle: no barrier but the one at the end.  Beyond, the whole block, one barrier
+// per step.
+// Uses t.red[65..66].
+LPLB_HD void ldlt_subst(const Team& t, const double* A, int n, int lda, double* b1, double* b2, double* sums) {
+  const bool two = b2 != nullptr;
+  auto pivot = [&](int i) {
+    const double d = A[i * lda + i];
+    return d > 0.0 ? d : 1e-300;
+  };
+#if defined(__CUDA_ARCH__)
+  if (n <= 32) {
+    // one row per lane: p for b1, r for b2; the next step's entry of L is loaded while
+    // the current one is applied
+    if (threadIdx.x < 32) {
+      const int i = threadIdx.x;
+      const bool has = i < n;
+      double p = has ? b1[i] : 0.0, r = (two && has) ? b2[i] : 0.0;
+      double l = (has && i > 0) ? A[i] : 0.0;  // L[i][0] = A[0][i]
+      for (int k = 0; k < n; ++k) {
+        const double x1 = __shfl_sync(0xffffffffu, p, k);
+        const double x2 = two ? __shfl_sync(0xffffffffu, r, k) : 0.0;
+        const double next = (has && i > k + 1) ? A[(k + 1) * lda + i] : 0.0;
+        if (has && i > k) {
+          p -= l * x1;
+          r -= l * x2;
+        }
+        l = next;
+      }
+      if (has) {
+        const double d = pivot(i);
+        p = p / d;
+        r = r / d;
+      }
+      l = (has && n - 1 > i) ? A[i * lda + n - 1] : 0.0;  // L[n-1][i]
+      for (int k = n - 1; k > 0; --k) {
+        const double x1 = __shfl_sync(0xffffffffu, p, k);
+        const double x2 = two ? __shfl_sync(0xffffffffu, r, k) : 0.0;
+        const double next = (has && i < k - 1) ? A[i * lda + k - 1] : 0.0;
+        if (i < k) {
+          p -= l * x1;
+          r -= l * x2;
+        }
+        l = next;
+      }
+      if (has) {
+        b1[i] = p;
+        if (two) b2[i] = r;
+      }
+      double s1 = has ? p : 0.0, s2 = has ? r : 0.0;
+      for (int off = 16; off > 0; off >>= 1) {
+        s1 += __shfl_down_sync(0xffffffffu, s1, off);
+        s2 += __shfl_down_sync(0xffffffffu, s2, off);
+      }
+      if (i == 0) {
+        t.red[65] = s1;
+        t.red[66] = two ? s2 : 0.0;
+      }
+    }
+    __syncthreads();
+    sums[0] = t.red[65];
+    sums[1] = t.red[66];
+    return;
+  }
+  if (n <= 64) {
+    if (threadIdx.x < 32) {
+      // rows lo = lane and hi = lane + 32: (p, q) for b1, (r, s) for b2
+      const int lo = threadIdx.x, hi = lo + 32;
+      const bool has_lo = lo < n, has_hi = hi < n;
+      double p = has_lo ? b1[lo] : 0.0, q = has_hi ? b1[hi] : 0.0;
+      double r = (two && has_lo) ? b2[lo] : 0.0, s = (two && has_hi) ? b2[hi] : 0.0;
+      for (int k = 0; k < n; ++k) {
+        const bool up = k >= 32;
+        const double x1 = __shfl_sync(0xffffffffu, up ? q : p, k & 31);
+        const double x2 = two ? __shfl_sync(0xffffffffu, up ? s : r, k & 31) : 0.0;
+        if (has_lo && lo > k) {
+          const double l = A[k * lda + lo];
+          p -= l * x1;
+          r -= l * x2;
+        }
+        if (has_hi && hi > k) {
+          const double l = A[k * lda + hi];
+          q -= l * x1;
+          s -= l * x2;
+        }
+      }
+      if (has_lo) {
+        const double d = pivot(lo);
+        p = p / d;
+        r = r / d;
+      }
+      if (has_hi) {
+        const double d = pivot(hi);
+        q = q / d;
+        s = s / d;
+      }
+      for (int k = n - 1; k > 0; --k) {
+        const bool up = k >= 32;
+        const double x1 = __shfl_sync(0xffffffffu, up ? q : p, k & 31);
+        const double x2 = two ? __shfl_sync(0xffffffffu, up ? s : r, k & 31) : 0.0;
+        if (has_lo && lo < k) {
+          const double l = A[lo * lda + k];
+          p -= l * x1;
+          r -= l * x2;
+        }
+        if (has_hi && hi < k) {
+          const double l = A[hi * lda + k];
+          q -= l * x1;
+          s -= l * x2;
+        }
+      }
+      if (has_lo) {
+        b1[lo] = p;
+        if (two) b2[lo] = r;
+      }
+      if (has_hi) {
+        b1[hi] = q;
+        if (two) b2[hi] = s;
+      }
+      double s1 = p + q, s2 = r + s;
+      for (int off = 16; off > 0; off >>= 1) {
+        s1 += __shfl_down_sync(0xffffffffu, s1, off);
+        s2 += __shfl_down_sync(0xffffffffu, s2, off);
+      }
+      if (lo == 0) {
+        t.red[65] = s1;
+        t.red[66] = two ? s2 : 0.0;
+      }
+    }
+    __syncthreads();
+    sums[0] = t.red[65];
+    sums[1] = t.red[66];
+    return;
+  }
+#endif
+  for (int k = 0; k < n; ++k) {
+    pfor(t, n - k - 1, [&](int q) {
+      const int i = k + 1 + q;
+      const double l = A[k * lda + i];
+      b1[i] -= l * b1[k];
+      if (two) b2[i] -= l * b2[k];
+    });
+  }
+  pfor(t, n, [&](int i) {
+    const double d = pivot(i);
+    b1[i] = b1[i] / d;
+    if (two) b2[i] = b2[i] / d;
+  });
+  for (int k = n - 1; k > 0; --k) {
+    pfor(t, k, [&](int i) {
+      const double l = A[i * lda + k];
+      b1[i] -= l * b1[k];
+      if (two) b2[i] -= l * b2[k];
+    });
+  }
+  reduce2(t, n, [&](int i, double& a, double& b) {
+    a += b1[i];
+    if (two) b += b2[i];
+  }, sums[0], sums[1]);
+}
+
+}  // namespace blk
+}  // namespace lplb

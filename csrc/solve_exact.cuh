@@ -1,0 +1,506 @@
+// Exact split of one connected component in one thread block (float64), the kernel
+// form of lplb_plugin/solvers/exact.py (that module's docstring and docs/solvers.md
+// have the argument).  Same steps, same answer: FISTA sweeps order the ranks, the
+// best prefix of that order gives the exact lower bound T, and a semismooth-Newton
+// projection of the even split onto {valid split, load <= T} certifies it and breaks
+// ties the one unique way.  Written with block_ops.cuh only, so it also builds as CPU
+// code for the tests.
+#pragma once
+
+#include "block_ops.cuh"
+#include "solve_view.cuh"
+
+namespace lplb {
+namespace exact {
+
+// cumulative FISTA sweeps before certification attempt r: 4, 16, 64, 256, 1024
+LPLB_HD int rounds_done(int r) { return 4 << (2 * r); }
+constexpr int kNewtonIters = 30;
+constexpr int kOuterIters = 8;
+constexpr double kCertRtol = 1e-10;
+
+// float64 scratch of one block.  Sizes: R ranks, M experts, E edges of the component.
+struct Work {
+  // [R]
+  double *fixed, *load, *cap, *beta, *beta_t, *g_b, *d_b, *d_beta, *gain;
+  int *pos, *active, *sticky, *was_released;
+  // [M]
+  double *demand, *alpha, *alpha_t, *g_a, *d_a, *d_alpha;
+  int* inside_at;
+  // [E]
+  double *x0, *y, *z, *best, *flow;
+  // [R * R], leading dimension R, and the (i, j) table of its lower triangle (R(R+1)/2)
+  double* schur;
+  int* tri;
+
+  // Carve the arrays out of one buffer (doubles first, then ints); returns bytes used.
+  // Call with base == nullptr to size it.
+  LPLB_HD static size_t layout(Work* w, char* base, int R, int M, int E, bool schur_inside) {
+    size_t off = 0;
+    auto dbl = [&](double** p, size_t n) {
+      if (w) *p = reinterpret_cast<double*>(base + off);
+      off += n * sizeof(double);
+    };
+    auto itg = [&](int** p, size_t n) {
+      if (w) *p = reinterpret_cast<int*>(base + off);
+      off += ((n * sizeof(int) + 7) / 8) * 8;
+    };
+    double* dummy = nullptr;
+    int* idummy = nullptr;
+    double** D[] = {w ? &w->fixed : &dummy, w ? &w->load : &dummy, w ? &w->cap : &dummy, w ? &w->beta : &dummy,
+                    w ? &w->beta_t : &dummy, w ? &w->g_b : &dummy, w ? &w->d_b : &dummy,
+                    w ? &w->d_beta : &dummy, w ? &w->gain : &dummy};
+    for (double** p : D) dbl(p, R);
+    double** DM[] = {w ? &w->demand : &dummy, w ? &w->alpha : &dummy, w ? &w->alpha_t : &dummy,
+                     w ? &w->g_a : &dummy, w ? &w->d_a : &dummy, w ? &w->d_alpha : &dummy};
+    for (double** p : DM) dbl(p, M);
+    double** DE[] = {w ? &w->x0 : &dummy, w ? &w->y : &dummy, w ? &w->z : &dummy, w ? &w->best : &dummy,
+                     w ? &w->flow : &dummy};
+    for (double** p : DE) dbl(p, E);
+    if (schur_inside) dbl(w ? &w->schur : &dummy, static_cast<size_t>(R) * R);
+    if (w) w->tri = nullptr;
+    if (schur_inside) itg(w ? &w->tri : &idummy, static_cast<size_t>(R) * (R + 1) / 2);
+    int** I[] = {w ? &w->pos : &idummy, w ? &w->active : &idummy, w ? &w->sticky : &idummy,
+                 w ? &w->was_released : &idummy};
+    for (int** p : I) itg(p, R);
+    itg(w ? &w->inside_at : &idummy, M);
+    return off;
+  }
+};
+
+struct Result {
+  int certified;
+  int rounds;
+  int newton_iters;
+  double bound;
+};
+
+// ---------------------------------------------------------------- helpers
+// Per-rank load of an edge flow: fixed + sum of the rank's edges (expert order).
+LPLB_HD void rank_loads(const blk::Team& t, const View& v, const Work& w, const double* flow, double* out) {
+  blk::pfor(t, v.R, [&](int r) {
+    double s = 0.0;
+    for (int q = v.rank_ptr[r]; q < v.rank_ptr[r + 1]; ++q) s += flow[v.rank_edges[q]];
+    out[r] = w.fixed[r] + s;
+  });
+}
+
+// Euclidean projection threshold of v (the expert's edges) onto {y >= 0, sum y = d}:
+// y = max(v - th, 0).  O(K^2) without sorting: for each edge, its rank k in the
+// descending order (ties by position) and the sum of the k largest values.
+template <typename V>
+LPLB_HD double simplex_threshold(int lo, int hi, double d, V&& val) {
+  int best_k = 0;
+  double best_th = 0.0;
+  for (int i = lo; i < hi; ++i) {
+    const double vi = val(i);
+    int k = 1;
+    double css = vi;
+    for (int j = lo; j < hi; ++j) {
+      if (j == i) continue;
+      const double vj = val(j);
+      if (vj > vi || (vj == vi && j < i)) {
+        ++k;
+        css += vj;
+      }
+    }
+    const double th = (css - d) / k;
+    if (vi - th > 0.0 && k > best_k) {
+      best_k = k;
+      best_th = th;
+    }
+  }
+  if (best_k == 0) {  // only when all values are -inf-like; keep the first
+    double mx = val(lo);
+    for (int i = lo + 1; i < hi; ++i) mx = val(i) > mx ? val(i) : mx;
+    best_th = mx - d;
+  }
+  return best_th;
+}
+
+// `iters` accelerated projected-gradient sweeps on 1/2 sum_r load_r^2 (y, z, t_k).
+LPLB_HD void fista(const blk::Team& t, const View& v, const Work& w, double step, int iters, double& t_k) {
+  for (int it = 0; it < iters; ++it) {
+    rank_loads(t, v, w, w.z, w.load);
+    const double t_new = 0.5 * (1.0 + sqrt(1.0 + 4.0 * t_k * t_k));
+    const double mom = (t_k - 1.0) / t_new;
+    blk::pfor(t, v.M, [&](int m) {
+      const int lo = v.exp_ptr[m], hi = v.exp_ptr[m + 1];
+      auto val = [&](int e) { return w.z[e] - step * w.load[v.edge_rank[e]]; };
+      double th;
+      if (hi - lo == 2) {  // closed form, as the reference's two-copy path
+        const double d = w.demand[m];
+        double first = 0.5 * (val(lo) - val(lo + 1) + d);
+        first = first < 0.0 ? 0.0 : (first > d ? d : first);
+        const double ynew0 = first, ynew1 = d - first;
+        w.z[lo] = ynew0 + mom * (ynew0 - w.y[lo]);
+        w.z[lo + 1] = ynew1 + mom * (ynew1 - w.y[lo + 1]);
+        w.y[lo] = ynew0;
+        w.y[lo + 1] = ynew1;
+        return;
+      }
+      th = simplex_threshold(lo, hi, w.demand[m], val);
+      // all thresholds first: val() reads z, which is rewritten below
+      for (int e = lo; e < hi; ++e) w.flow[e] = val(e);
+      for (int e = lo; e < hi; ++e) {
+        const double u = w.flow[e] - th;
+        const double ynew = u > 0.0 ? u : 0.0;
+        w.z[e] = ynew + mom * (ynew - w.y[e]);
+        w.y[e] = ynew;
+      }
+    });
+    t_k = t_new;
+  }
+}
+
+// Best prefix bound max_k g(S_k)/k over the ranks ordered by load (desc, ties by rank),
+// g(S) = fixed(S) + demand of experts with every copy in S.  Exact on integer loads.
+LPLB_HD double prefix_bound(const blk::Team& t, const View& v, const Work& w) {
+  const double* approx = w.load;
+  blk::pfor(t, v.R, [&](int r) {
+    int p = 0;
+    for (int q = 0; q < v.R; ++q) p += (approx[q] > approx[r] || (approx[q] == approx[r] && q < r)) ? 1 : 0;
+    w.pos[r] = p;
+  });
+  blk::pfor(t, v.M, [&](int m) {
+    int last = 0;
+    for (int e = v.exp_ptr[m]; e < v.exp_ptr[m + 1]; ++e) last = w.pos[v.edge_rank[e]] > last ? w.pos[v.edge_rank[e]] : last;
+    w.inside_at[m] = last;
+  });
+  blk::pfor(t, v.R, [&](int r) {
+    double s = 0.0;
+    for (int q = v.rank_ptr[r]; q < v.rank_ptr[r + 1]; ++q) {
+      const int m = v.edge_exp[v.rank_edges[q]];
+      if (w.inside_at[m] == w.pos[r]) s += w.demand[m];
+    }
+    w.gain[w.pos[r]] = w.fixed[r] + s;
+  });
+  // prefix sums of gain: the reference adds left to right; one lane does the same, so
+  // non-integer loads give the same bits too (R is small next to everything else)
+  blk::wfor(t, 1, [&](int) {
+    double c = 0.0;
+    for (int p = 0; p < v.R; ++p) {
+      c += w.gain[p];
+      w.gain[p] = c;
+    }
+  });
+  blk::team_sync(t);
+  return blk::reduce(t, v.R, blk::Max{}, [&](int p) { return w.gain[p] / (p + 1); });
+}
+
+// Project the even split onto {valid split, load <= bound}; flow in w.flow.  Returns
+// whether it exists and meets the certificate tolerance.
+//
+// The reference's steps, with its loops fused so that a Newton iteration costs few
+// barriers: one reduction gives the gradients, the Hessian diagonals and the dual at
+// the current point (flows are recomputed from alpha and beta, never stored); one
+// pass builds the R x R Schur complement; an LDL^T factorisation solves it; one
+// reduction gives the expert direction and the slope; each line-search trial is one
+// reduction of the dual along the direction.
+LPLB_HD bool project(const blk::Team& t, const View& v, const Work& w, double bound, double scale, int& its) {
+  const double tol = kCertRtol * scale;
+  const int R = v.R, M = v.M, E = v.E;
+  auto s_of = [&](int e, double a, double b) { return w.x0[e] + a + b; };
+  blk::pfor(t, R + M, [&](int i) {
+    if (i < R) {
+      w.cap[i] = bound - w.fixed[i];
+      w.beta[i] = 0.0;
+      w.sticky[i] = 0;
+      w.was_released[i] = 0;
+    } else {
+      w.alpha[i - R] = 0.0;
+    }
+  });
+  // smallest room, the dual's constant, and the ranks the even split overloads
+  double setup[2];
+  blk::reduce_n<2, 0x0u>(t, R + E, [&](int i, double* acc) {
+    if (i < R) {
+      double s = 0.0;
+      for (int q = v.rank_ptr[i]; q < v.rank_ptr[i + 1]; ++q) s += v.edge_mult[v.rank_edges[q]] * w.x0[v.rank_edges[q]];
+      w.active[i] = w.fixed[i] + s > bound;
+      acc[0] += w.cap[i] < -tol ? 1.0 : 0.0;
+    } else {
+      const int e = i - R;
+      acc[1] += v.edge_mult[e] * w.x0[e] * w.x0[e];
+    }
+  }, setup);
+  if (setup[0] > 0.0) return false;
+  const double const_term = 0.5 * setup[1];
+  const double delta = 1e-12;
+  bool settled = false;
+  for (int outer = 0; outer < kOuterIters && !settled; ++outer) {
+    blk::pfor(t, R, [&](int r) { if (!w.active[r]) w.beta[r] = 0.0; });
+    bool converged = false;
+    for (int it = 0; it < kNewtonIters; ++it) {
+      // gradients, Hessian diagonals, dual value; acc = (max |g|, dual)
+      double ga[2];
+      blk::reduce_n<2, 0x1u>(t, M + R, [&](int i, double* acc) {
+        if (i < M) {
+          const double al = w.alpha[i];
+          double f = 0.0, wsum = 0.0, sq = 0.0;
+          for (int e = v.exp_ptr[i]; e < v.exp_ptr[i + 1]; ++e) {
+            const double s = s_of(e, al, w.beta[v.edge_rank[e]]);
+            if (s > 0.0) {
+              f += v.edge_mult[e] * s;
+              wsum += v.edge_mult[e];
+              sq += v.edge_mult[e] * s * s;
+            }
+          }
+          const double g = w.demand[i] - f;
+          w.g_a[i] = g;
+          w.d_alpha[i] = wsum + delta;
+          acc[0] = blk::nanmax(acc[0], g < 0.0 ? -g : g);
+          acc[1] += w.demand[i] * al - 0.5 * sq;
+        } else {
+          const int r = i - M;
+          double f = 0.0, wsum = 0.0;
+          if (w.active[r]) {
+            const double be = w.beta[r];
+            for (int q = v.rank_ptr[r]; q < v.rank_ptr[r + 1]; ++q) {
+              const int e = v.rank_edges[q];
+              const double s = s_of(e, w.alpha[v.edge_exp[e]], be);
+              if (s > 0.0) {
+                f += v.edge_mult[e] * s;
+                wsum += v.edge_mult[e];
+              }
+            }
+          }
+          const double g = w.active[r] ? w.cap[r] - f : 0.0;
+          w.g_b[r] = g;
+          w.d_beta[r] = wsum + delta;
+          acc[0] = blk::nanmax(acc[0], g < 0.0 ? -g : g);
+          acc[1] += w.active[r] ? w.cap[r] * w.beta[r] : 0.0;
+        }
+      }, ga);
+      if (ga[0] <= 1e-11 * scale) {
+        converged = true;
+        break;
+      }
+      ++its;
+      const double base = ga[1] + const_term;
+      auto weight = [&](int e) {
+        return s_of(e, w.alpha[v.edge_exp[e]], w.beta[v.edge_rank[e]]) > 0.0 ? static_cast<double>(v.edge_mult[e]) : 0.0;
+      };
+      // Schur complement over ranks, one row per index (contributions in expert order,
+      // as the reference's add.at), and its right-hand side in d_b
+      blk::pfor(t, R, [&](int a) {
+        double* row = w.schur + static_cast<size_t>(a) * R;
+        for (int b = 0; b < R; ++b) row[b] = 0.0;
+        if (!w.active[a]) {
+          row[a] = 1.0;
+          w.d_b[a] = 0.0;
+          return;
+        }
+        row[a] = w.d_beta[a];
+        double s = 0.0;
+        for (int q = v.rank_ptr[a]; q < v.rank_ptr[a + 1]; ++q) {
+          const int e = v.rank_edges[q];
+          const double ce = weight(e);
+          if (ce == 0.0) continue;
+          const int m = v.edge_exp[e];
+          const double da = w.d_alpha[m];
+          for (int f = v.exp_ptr[m]; f < v.exp_ptr[m + 1]; ++f) {
+            const int b = v.edge_rank[f];
+            if (w.active[b]) row[b] -= (ce * weight(f)) / da;
+          }
+          s += ce * (w.g_a[m] / da);
+        }
+        w.d_b[a] = w.g_b[a] - s;
+      });
+      blk::ldlt_factor(t, w.schur, R, R, w.tri);
+      double unused[2];
+      blk::ldlt_subst(t, w.schur, R, R, w.d_b, nullptr, unused);
+      // expert direction and the slope g . d
+      double sl[1];
+      blk::reduce_n<1, 0x0u>(t, M + R, [&](int i, double* acc) {
+        if (i < M) {
+          double s = 0.0;
+          for (int e = v.exp_ptr[i]; e < v.exp_ptr[i + 1]; ++e) {
+            const int r = v.edge_rank[e];
+            if (w.active[r]) s += weight(e) * w.d_b[r];
+          }
+          const double d = (w.g_a[i] - s) / w.d_alpha[i];
+          w.d_a[i] = d;
+          acc[0] += w.g_a[i] * d;
+        } else {
+          const int r = i - M;
+          acc[0] += w.active[r] ? w.g_b[r] * w.d_b[r] : 0.0;
+        }
+      }, sl);
+      const double slope = sl[0];
+      // Armijo backtracking on the concave dual along (d_a, d_b)
+      auto dual_at = [&](double st) {
+        double acc1[1];
+        blk::reduce_n<1, 0x0u>(t, M + R, [&](int i, double* acc) {
+          if (i < M) {
+            const double al = w.alpha[i] + st * w.d_a[i];
+            double sq = 0.0;
+            for (int e = v.exp_ptr[i]; e < v.exp_ptr[i + 1]; ++e) {
+              const int r = v.edge_rank[e];
+              const double be = w.beta[r] + (w.active[r] ? st * w.d_b[r] : 0.0);
+              const double s = s_of(e, al, be);
+              if (s > 0.0) sq += v.edge_mult[e] * s * s;
+            }
+            acc[0] += w.demand[i] * al - 0.5 * sq;
+          } else {
+            const int r = i - M;
+            acc[0] += w.active[r] ? w.cap[r] * (w.beta[r] + st * w.d_b[r]) : 0.0;
+          }
+        }, acc1);
+        return acc1[0] + const_term;
+      };
+      double step = 1.0;
+      bool accepted = false;
+      for (int ls = 0; ls < 40 && !accepted; ++ls) {
+        accepted = dual_at(step) >= base + 1e-4 * step * slope;
+        if (!accepted) step *= 0.5;
+      }
+      // (not accepted: the reference's last, tiny step 2^-40)
+      blk::pfor(t, M + R, [&](int i) {
+        if (i < M) w.alpha[i] += step * w.d_a[i];
+        else if (w.active[i - M]) w.beta[i - M] += step * w.d_b[i - M];
+      });
+    }
+    if (!converged) return false;
+    blk::pfor(t, E, [&](int e) {
+      const double s = s_of(e, w.alpha[v.edge_exp[e]], w.beta[v.edge_rank[e]]);
+      w.flow[e] = v.edge_mult[e] * (s > 0.0 ? s : 0.0);
+    });
+    // loads; a bound that pulls load in is not binding, unless releasing it overshot
+    double cnt[2];
+    blk::reduce_n<2, 0x0u>(t, R, [&](int r, double* acc) {
+      double s = 0.0;
+      for (int q = v.rank_ptr[r]; q < v.rank_ptr[r + 1]; ++q) s += w.flow[v.rank_edges[q]];
+      const double load = w.fixed[r] + s;
+      w.load[r] = load;
+      const bool over = !w.active[r] && load > bound + tol;
+      const bool released = w.active[r] && w.beta[r] > tol * 1e-3 && !w.sticky[r];
+      acc[0] += over ? 1.0 : 0.0;
+      acc[1] += released ? 1.0 : 0.0;
+      // the next active set (rank r's own state only; unchanged when nothing moves)
+      w.sticky[r] = w.sticky[r] || (over && w.was_released[r]);
+      w.was_released[r] = w.was_released[r] || released;
+      w.active[r] = (w.active[r] || over) && !released;
+    }, cnt);
+    if (cnt[0] == 0.0 && cnt[1] == 0.0) settled = true;
+  }
+  if (!settled) return false;
+  // exact expert sums: each expert's flow rescaled onto its demand
+  double dead[1];
+  blk::reduce_n<1, 0x0u>(t, M, [&](int m, double* acc) {
+    double tot = 0.0;
+    for (int e = v.exp_ptr[m]; e < v.exp_ptr[m + 1]; ++e) tot += w.flow[e];
+    const bool live = w.demand[m] > 0.0;
+    if (live && !(tot > 0.0)) {
+      acc[0] += 1.0;
+      return;
+    }
+    const double f = live ? w.demand[m] / tot : 0.0;
+    for (int e = v.exp_ptr[m]; e < v.exp_ptr[m + 1]; ++e) w.flow[e] = live ? w.flow[e] * f : 0.0;
+  }, dead);
+  if (dead[0] > 0.0) return false;
+  double worst[1];
+  blk::reduce_n<1, 0x1u>(t, R, [&](int r, double* acc) {
+    double s = 0.0;
+    for (int q = v.rank_ptr[r]; q < v.rank_ptr[r + 1]; ++q) s += w.flow[v.rank_edges[q]];
+    w.load[r] = w.fixed[r] + s;
+    acc[0] = blk::nanmax(acc[0], w.load[r] - (bound + tol));
+  }, worst);
+  return worst[0] <= 0.0;
+}
+
+// ---------------------------------------------------------------- driver
+// w.load = rank loads of an edge flow; returns their max (one reduction).
+LPLB_HD double loads_max(const blk::Team& t, const View& v, const Work& w, const double* flow) {
+  double mx[1];
+  blk::reduce_n<1, 0x1u>(t, v.R, [&](int r, double* acc) {
+    double s = 0.0;
+    for (int q = v.rank_ptr[r]; q < v.rank_ptr[r + 1]; ++q) s += flow[v.rank_edges[q]];
+    w.load[r] = w.fixed[r] + s;
+    acc[0] = blk::nanmax(acc[0], w.load[r]);
+  }, mx);
+  return mx[0];
+}
+
+// Solves the component; the split ends in w.flow, its loads in w.load.
+template <typename T>
+LPLB_HD Result solve(const blk::Team& t, const View& v, const T* loads, const Work& w, double lipschitz, int max_rounds) {
+  Result res{1, 0, 0, 0.0};
+  const int n_tri = w.tri != nullptr ? v.R * (v.R + 1) / 2 : 0;
+  blk::pfor(t, v.R + v.M + n_tri, [&](int i) {
+    if (i < v.R) {
+      double s = 0.0;
+      for (int j = v.fix_off[i]; j < v.fix_off[i + 1]; ++j) s += static_cast<double>(loads[v.fix_log[j]]) / v.fix_div[j];
+      w.fixed[i] = s;
+    } else if (i < v.R + v.M) {
+      const int m = i - v.R;
+      const double d = static_cast<double>(loads[v.exp_log[m]]);
+      double slots = 0.0;
+      for (int e = v.exp_ptr[m]; e < v.exp_ptr[m + 1]; ++e) slots += v.edge_mult[e];
+      w.demand[m] = d;
+      const double x0 = d / (slots > 1.0 ? slots : 1.0);
+      for (int e = v.exp_ptr[m]; e < v.exp_ptr[m + 1]; ++e) {
+        w.x0[e] = x0;
+        w.y[e] = v.edge_mult[e] * x0;
+        w.z[e] = w.y[e];
+        w.best[e] = w.y[e];
+      }
+    } else {
+      const int q = i - v.R - v.M;
+      int a, b;
+      blk::tri_index(q, a, b);
+      w.tri[q] = (a << 16) | b;
+    }
+  });
+  // the even split's loads and max, and the largest demand and fixed load
+  double mx[3];
+  blk::reduce_n<3, 0x7u>(t, v.R + v.M, [&](int i, double* acc) {
+    if (i < v.R) {
+      double s = 0.0;
+      for (int q = v.rank_ptr[i]; q < v.rank_ptr[i + 1]; ++q) s += w.y[v.rank_edges[q]];
+      w.load[i] = w.fixed[i] + s;
+      acc[0] = blk::nanmax(acc[0], w.load[i]);
+      acc[2] = blk::nanmax(acc[2], w.fixed[i]);
+    } else {
+      acc[1] = blk::nanmax(acc[1], w.demand[i - v.R]);
+    }
+  }, mx);
+  const double dmax = mx[1], fmax = mx[2];
+  if (v.E == 0 || !(dmax > 0.0)) {
+    blk::pfor(t, v.E, [&](int e) { w.flow[e] = w.y[e]; });
+    res.bound = mx[0];
+    return res;
+  }
+  const double scale = dmax > fmax ? dmax : fmax;
+  double best_max = mx[0];
+  double bound = -HUGE_VAL, t_k = 1.0;
+  const double step = 1.0 / lipschitz;
+  int done = 0;
+  // 0 rounds (a test hook, like the reference's empty round list): the fallback path
+  const int rounds = max_rounds < 0 ? 0 : (max_rounds > 5 ? 5 : max_rounds);
+  for (int rnd = 0; rnd < rounds; ++rnd) {
+    fista(t, v, w, step, rounds_done(rnd) - done, t_k);
+    done = rounds_done(rnd);
+    const double amax = loads_max(t, v, w, w.y);
+    if (amax < best_max) {
+      best_max = amax;
+      blk::pfor(t, v.E, [&](int e) { w.best[e] = w.y[e]; });
+    }
+    const double pb = prefix_bound(t, v, w);
+    bound = pb > bound ? pb : bound;
+    res.rounds = rnd + 1;
+    if (project(t, v, w, bound, scale, res.newton_iters)) {
+      res.bound = bound;
+      return res;
+    }
+  }
+  // not certified: the best valid split found
+  blk::pfor(t, v.E, [&](int e) { w.flow[e] = w.best[e]; });
+  loads_max(t, v, w, w.flow);
+  res.certified = 0;
+  res.bound = bound;
+  return res;
+}
+
+}  // namespace exact
+}  // namespace lplb

@@ -1,0 +1,110 @@
+"""The solve kernels' code built for the CPU (csrc/solve_host.cpp, through ctypes).
+
+``csrc/block_ops.cuh`` makes the kernels' source a valid serial C++ program; compiling
+it with the host compiler lets the tests check the kernels' algorithm against the
+numpy/torch reference without a GPU.  Built once per source content into
+``$LPLB_CACHE_DIR`` (default ``~/.cache/lplb_plugin``).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import inspect
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lplb_plugin.component_arrays import ComponentArrays
+from lplb_plugin.kernels import csrc_dir
+from lplb_plugin.problem import SplitGraph
+
+
+@dataclass
+class HostSolve:
+    edge_flow: torch.Tensor  # float64 [E]
+    rank_load: torch.Tensor  # float64 [R]
+    status: np.ndarray  # int32 [C]
+    bound: np.ndarray  # float64 [C]
+    iters: np.ndarray  # int32 [C, 2]
+    arrays: ComponentArrays
+
+
+def compiler() -> str | None:
+    for cxx in (os.environ.get("CXX"), "g++", "c++", "clang++"):
+        if cxx and shutil.which(cxx):
+            return cxx
+    return None
+
+
+@lru_cache(maxsize=1)
+def library() -> ctypes.CDLL:
+    src = csrc_dir()
+    files = sorted(src.glob("*.cuh")) + [src / "solve_host.cpp"]
+    digest = hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()[:16]
+    cache = Path(os.environ.get("LPLB_CACHE_DIR", Path.home() / ".cache" / "lplb_plugin")) / "host"
+    cache.mkdir(parents=True, exist_ok=True)
+    lib = cache / f"solve_host_{digest}.so"
+    if not lib.exists():
+        tmp = lib.with_suffix(f".{os.getpid()}.tmp")
+        subprocess.run(
+            [compiler(), "-std=c++17", "-O2", "-Wall", "-Werror", "-shared", "-fPIC", str(src / "solve_host.cpp"), "-o", str(tmp)],
+            check=True,
+        )
+        tmp.replace(lib)
+    return ctypes.CDLL(str(lib))
+
+
+def _ptr(a: np.ndarray, ctype):
+    return a.ctypes.data_as(ctypes.POINTER(ctype))
+
+
+def _int_arrays(arrays: ComponentArrays) -> list[np.ndarray]:
+    return [np.ascontiguousarray(t.numpy(), dtype=np.int32) for t in arrays.tensors()]
+
+
+def _ipm_defaults() -> dict:
+    """``max_iters`` and ``tol`` defaults of the torch IPM (lplb_plugin.solvers.ipm.solve_ipm)."""
+    from lplb_plugin.solvers.ipm import solve_ipm
+
+    params = inspect.signature(solve_ipm).parameters
+    return {k: params[k].default for k in ("max_iters", "tol")}
+
+
+def solve_host(graph: SplitGraph, loads: torch.Tensor, method: str = "exact", **options) -> HostSolve:
+    """Run the kernels' solve on the CPU.  ``loads`` float64 ``[L]``.  ``method``:
+    ``"exact"`` (option ``max_rounds``) or ``"ipm"`` (options ``max_iters``, ``tol``;
+    defaults those of the torch IPM)."""
+    arrays = ComponentArrays.from_graph(graph)
+    lib = library()
+    ints = _int_arrays(arrays)
+    ld = np.ascontiguousarray(loads.to(torch.float64).numpy())
+    C = arrays.n_comp
+    flow = np.zeros(graph.n_edges)
+    rank = np.zeros(graph.n_ranks)
+    status = np.zeros(C, np.int32)
+    bound = np.zeros(C)
+    iters = np.zeros(2 * C, np.int32)
+    pi = [_ptr(a, ctypes.c_int) for a in ints]
+    tail = [_ptr(flow, ctypes.c_double), _ptr(rank, ctypes.c_double), _ptr(status, ctypes.c_int),
+            _ptr(bound, ctypes.c_double), _ptr(iters, ctypes.c_int)]
+    if method == "exact":
+        fn = lib.lplb_solve_exact_host
+        rc = fn(ctypes.c_int(C), *pi, _ptr(ld, ctypes.c_double), ctypes.c_double(arrays.lipschitz),
+                ctypes.c_int(options.get("max_rounds", 5)), *tail)
+    elif method == "ipm":
+        defaults = _ipm_defaults()
+        fn = lib.lplb_solve_ipm_host
+        rc = fn(ctypes.c_int(C), *pi, _ptr(ld, ctypes.c_double),
+                ctypes.c_int(int(options.get("max_iters", defaults["max_iters"]))),
+                ctypes.c_double(float(options.get("tol", defaults["tol"]))), *tail)
+    else:
+        raise ValueError(method)
+    assert rc == 0
+    return HostSolve(torch.from_numpy(flow), torch.from_numpy(rank), status, bound, iters.reshape(C, 2), arrays)
