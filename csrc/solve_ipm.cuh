@@ -1,0 +1,568 @@
+// Interior-point split of one connected component in one thread block (float64), the
+// kernel form of lplb_plugin/solvers/ipm.py (that module's docstring has the
+// algorithm): Mehrotra predictor-corrector on the scaled LP
+//
+//     min T  s.t.  sum_r y_mr = c_m,  T - sum_m y_mr - s_r = f_r,  y, s >= 0,
+//
+// same scaling (mean rank load), same starting point and centring shift, same normal
+// equations reduced to the rank-side Schur complement (assembled cancellation-free,
+// solved with the nu 1 1^T border trick, factored once per iteration with the same
+// regularisation on failure), same step to the boundary over all variables, same stop
+// test, stall rule and iteration cap, and the same finalisation to a valid split.
+//
+// Storage is sparse (View's CSR): y / z_y per edge, s / z_s / w per rank, lambda per
+// expert; only the R x R Schur matrix is dense.  Edge variables are per (expert, rank)
+// pair as in the reference: edge_mult only enters the finalisation's even split.
+// Written with block_ops.cuh only, so it also builds as CPU code for the tests.
+//
+// Differences from the reference, all at the level of rounding: sums run in another
+// order (CSR order, tree reductions on the device); 1/x and 1/z are formed once per
+// iteration and multiplied; S~ is factored as L D L^T (blk::ldlt_factor: no square
+// roots, the same pivot <= 0 failure test and the same regularisation); and
+// mu_aff = sum (x + ap dx)(z + ad dz) is taken from the expanded sums
+// (sum x z + ap sum dx z + ad sum x dz + ap ad sum dx dz), saving a pass.  The host
+// build follows the torch IPM's iterates (iteration counts and converged flags equal,
+// flows within 1e-8 of the max load on the test instances).
+//
+// One iteration, as block barriers (device, R <= 8): update 2, experts 1, ranks 2,
+// assemble 1, factor 1 (+ one __syncwarp per column; columns whose trailing triangle
+// has more than 32 entries take a block barrier each), predictor: subst 1 + direction
+// 2, corrector: right-hand side 2 + subst 1 + direction 2: 15 in all.
+#pragma once
+
+#include "block_ops.cuh"
+#include "solve_view.cuh"
+
+namespace lplb {
+namespace ipm {
+
+constexpr double kEta = 0.995;     // fraction to the boundary (lower bound)
+constexpr double kSafety = 0.1;    // the stop test runs at kSafety * tol
+constexpr int kStall = 5;          // iterations without a better iterate before stopping
+constexpr double kEpsF64 = 2.220446049250313e-16;
+
+// float64 scratch of one block.  Sizes: R ranks, M experts, E edges of the component.
+struct Work {
+  // [E]: primal y, dual slack z, 1/y, 1/z, d = y/z, d/a, d/a * (a - d), dual residual,
+  // predictor's gx, direction, dx_aff dz_aff, best iterate, answer
+  double *y, *z, *iy, *iz, *d, *da, *t, *rd, *gx, *dx, *dz, *aff, *best, *flow;
+  // [R]: fixed loads (original, scaled), slack s / z_s and the same per-entry values,
+  // dual w, dw, Schur diagonal, rank residual, the two solutions, loads
+  double *fixed, *f, *s, *zs, *is, *izs, *ds, *rds, *gxs, *w, *dw, *dxs, *dzs, *affs, *diag, *rp_r, *u1, *u2, *load;
+  // [M]: demand (original, scaled), lambda, 1/a (a = sum of d), h, expert residual, dlambda
+  double *demand, *c, *lam, *ia, *hm, *rp_m, *dlam;
+  // [R * R], leading dimension R
+  double* schur;
+  // [R (R + 1) / 2]: blk::tri_index of each lower-triangle entry, (i << 16) | j; with
+  // the Schur matrix in shared memory only (nullptr otherwise: computed each time)
+  int* tri;
+
+  // Carve the arrays out of one buffer; returns bytes used.  Call with base == nullptr
+  // to size it.
+  LPLB_HD static size_t layout(Work* w, char* base, int R, int M, int E, bool schur_inside) {
+    size_t off = 0;
+    double* dummy = nullptr;
+    auto at = [&](double* Work::*f) { return w ? &(w->*f) : &dummy; };
+    auto dbl = [&](double** p, size_t n) {
+      if (w) *p = reinterpret_cast<double*>(base + off);
+      off += n * sizeof(double);
+    };
+    double* Work::*DE[] = {&Work::y,  &Work::z,  &Work::iy, &Work::iz, &Work::d,   &Work::da,   &Work::t,
+                           &Work::rd, &Work::gx, &Work::dx, &Work::dz, &Work::aff, &Work::best, &Work::flow};
+    for (auto f : DE) dbl(at(f), E);
+    double* Work::*DR[] = {&Work::fixed, &Work::f,   &Work::s,    &Work::zs,   &Work::is,   &Work::izs, &Work::ds,
+                           &Work::rds,   &Work::gxs, &Work::w,    &Work::dw,   &Work::dxs,  &Work::dzs, &Work::affs,
+                           &Work::diag,  &Work::rp_r, &Work::u1,  &Work::u2,   &Work::load};
+    for (auto f : DR) dbl(at(f), R);
+    double* Work::*DM[] = {&Work::demand, &Work::c, &Work::lam, &Work::ia, &Work::hm, &Work::rp_m, &Work::dlam};
+    for (auto f : DM) dbl(at(f), M);
+    if (w) w->tri = nullptr;
+    if (schur_inside) {
+      dbl(at(&Work::schur), static_cast<size_t>(R) * R);
+      if (w) w->tri = reinterpret_cast<int*>(base + off);
+      off += ((static_cast<size_t>(R) * (R + 1) / 2 * sizeof(int) + 7) / 8) * 8;
+    }
+    return off;
+  }
+};
+
+struct Result {
+  int converged;
+  int iterations;
+  double objective;  // max rank load of the returned split (original units)
+};
+
+LPLB_HD double clamp(double x, double lo, double hi) {  // torch.clamp: NaN stays NaN
+  x = x < lo ? lo : x;
+  return x > hi ? hi : x;
+}
+
+LPLB_HD bool finite(double x) { return x - x == 0.0; }
+
+// Passes over several kinds of index (edges, ranks, experts) give each kind a range
+// starting at a multiple of 32, so that on the device no warp runs two kinds' code one
+// after the other.
+LPLB_HD int warp_round(int n) { return (n + 31) & ~31; }
+
+// min(1, eta * max{a : x + a dx >= 0}) from the largest relative decrease r
+LPLB_HD double step_to_boundary(double r, double eta) { return eta / blk::nanmax(r, eta); }
+
+// ---------------------------------------------------------------- passes
+// The iterate: y, z (edges), s, zs, w (ranks), lam (experts) in Work, T with the caller.
+// After a step (move), the three passes below apply it: `update` moves y, z, s, zs
+// (and reads the moved w, lambda inline), `experts` stores the moved lambda, `ranks`
+// the moved w, so that no pass reads what another index of it writes.
+//
+// Pass 1, edges and slacks: the step, 1/x, 1/z, d = x/z, the dual residual
+// rd = w - lambda - z and the predictor's gx = (-x z - x rd) / z.  Sums
+// {c.lambda, f.w, sum w, sum x z} and max |rd|.
+LPLB_HD void update(const blk::Team& t, const View& v, const Work& w, bool move, double ap, double ad,
+                    double (&out)[5]) {
+  const int E = v.E, R = v.R, E0 = warp_round(E), R0 = E0 + warp_round(R);
+  blk::reduce_n<5, 0x10u>(t, R0 + v.M, [&](int i, double* acc) {
+    if (i < E0) {
+      if (i >= E) return;
+      const int r = v.edge_rank[i], m = v.edge_exp[i];
+      double y = w.y[i], z = w.z[i], wr = w.w[r], lm = w.lam[m];
+      if (move) {
+        y = y + ap * w.dx[i];
+        z = z + ad * w.dz[i];
+        wr = wr + ad * w.dw[r];
+        lm = lm + ad * w.dlam[m];
+        w.y[i] = y;
+        w.z[i] = z;
+      }
+      const double iz = 1.0 / z, rd = (wr - lm) - z, xz = y * z;
+      w.iy[i] = 1.0 / y;
+      w.iz[i] = iz;
+      w.d[i] = y * iz;
+      w.rd[i] = rd;
+      w.gx[i] = (-xz - y * rd) * iz;
+      acc[3] += xz;
+      acc[4] = blk::nanmax(acc[4], fabs(rd));
+    } else if (i < R0) {
+      const int r = i - E0;
+      if (r >= R) return;
+      double s = w.s[r], zs = w.zs[r], wr = w.w[r];
+      if (move) {
+        s = s + ap * w.dxs[r];
+        zs = zs + ad * w.dzs[r];
+        wr = wr + ad * w.dw[r];
+        w.s[r] = s;
+        w.zs[r] = zs;
+      }
+      const double izs = 1.0 / zs, rd = wr - zs, xz = s * zs;
+      w.is[r] = 1.0 / s;
+      w.izs[r] = izs;
+      w.ds[r] = s * izs;
+      w.rds[r] = rd;
+      w.gxs[r] = (-xz - s * rd) * izs;
+      acc[1] += w.f[r] * wr;
+      acc[2] += wr;
+      acc[3] += xz;
+      acc[4] = blk::nanmax(acc[4], fabs(rd));
+    } else {
+      const int m = i - R0;
+      const double lm = move ? w.lam[m] + ad * w.dlam[m] : w.lam[m];
+      acc[0] += w.c[m] * lm;
+    }
+  }, out);
+}
+
+// Pass 2, experts: the moved lambda; a = sum of d, the expert residual, and for each
+// edge da = d / a and t = da * (the expert's other d, exclusive prefix + suffix sums:
+// no cancellation), and the predictor's h = rp_m - sum gx.
+LPLB_HD void experts(const blk::Team& t, const View& v, const Work& w, bool move, double ad) {
+  blk::pfor(t, v.M, [&](int m) {
+    if (move) w.lam[m] = w.lam[m] + ad * w.dlam[m];
+    const int lo = v.exp_ptr[m], hi = v.exp_ptr[m + 1];
+    double sy = 0.0, a = 0.0, sg = 0.0;
+    for (int e = lo; e < hi; ++e) {
+      sy += w.y[e];
+      w.t[e] = a;  // exclusive prefix, for now
+      a += w.d[e];
+      sg += w.gx[e];
+    }
+    const double ia = 1.0 / a, rp = w.c[m] - sy;
+    w.ia[m] = ia;
+    w.rp_m[m] = rp;
+    w.hm[m] = rp - sg;
+    double suf = 0.0;
+    for (int e = hi - 1; e >= lo; --e) {
+      const double da = w.d[e] * ia;
+      w.da[e] = da;
+      w.t[e] = da * (w.t[e] + suf);
+      suf += w.d[e];
+    }
+  });
+}
+
+// Pass 3, ranks: the moved w; rank residual, Schur diagonal d_s + sum t and the
+// predictor's right-hand side g = rp_r + sum gx + gx_s + sum da h into u1 (1 into u2).
+// Returns {sum diag, max |primal residual|}.
+LPLB_HD void ranks(const blk::Team& t, const View& v, const Work& w, bool move, double ad, double T,
+                   double (&out)[2]) {
+  const int M = v.M, M0 = warp_round(M);
+  blk::reduce_n<2, 0x2u>(t, M0 + v.R, [&](int i, double* acc) {
+    if (i < M0) {
+      if (i < M) acc[1] = blk::nanmax(acc[1], fabs(w.rp_m[i]));
+      return;
+    }
+    const int r = i - M0;
+    if (move) w.w[r] = w.w[r] + ad * w.dw[r];
+    double sy = 0.0, st = 0.0, sg = 0.0, sh = 0.0;
+    for (int q = v.rank_ptr[r]; q < v.rank_ptr[r + 1]; ++q) {
+      const int e = v.rank_edges[q];
+      sy += w.y[e];
+      st += w.t[e];
+      sg += w.gx[e];
+      sh += w.da[e] * w.hm[v.edge_exp[e]];
+    }
+    const double rp = (w.f[r] - T) + (sy + w.s[r]);
+    const double dg = w.ds[r] + st;
+    w.rp_r[r] = rp;
+    w.diag[r] = dg;
+    w.u1[r] = (rp + (sg + w.gxs[r])) + sh;
+    w.u2[r] = 1.0;
+    acc[0] += dg;
+    acc[1] = blk::nanmax(acc[1], fabs(rp));
+  }, out);
+}
+
+// S~ = diag(diag) - offdiag(K^T diag(1/a) K) + nu 1 1^T (lower triangle) into
+// w.schur, with the regularisation of `n_reg` failed attempts on the diagonal
+// (cumulative, as the reference's _regularise); copies y into best when `copy_best`.
+// One index per entry: (a, b) sums d_ma d_mb / a_m over the experts m of both ranks,
+// in expert order (a merge of the two ranks' edge lists, both sorted by expert).
+LPLB_HD void assemble(const blk::Team& t, const View& v, const Work& w, double nu, int n_reg, double reg_scale,
+                      bool copy_best) {
+  const int R = v.R, n_tri = R * (R + 1) / 2, T0 = warp_round(n_tri);
+  blk::pfor(t, T0 + (copy_best ? v.E : 0), [&](int i) {
+    if (i >= T0) {
+      w.best[i - T0] = w.y[i - T0];
+      return;
+    }
+    if (i >= n_tri) return;
+    int ra, rb;
+    if (w.tri) {
+      ra = w.tri[i] >> 16;
+      rb = w.tri[i] & 0xffff;
+    } else {
+      blk::tri_index(i, ra, rb);
+    }
+    double* entry = w.schur + static_cast<size_t>(ra) * R + rb;
+    if (ra == rb) {
+      double dg = w.diag[ra] + nu, reg = 1e-12;
+      for (int k = 0; k < n_reg; ++k) {
+        dg = dg + reg_scale * reg;
+        reg *= 100.0;
+      }
+      *entry = dg;
+      return;
+    }
+    double s = 0.0;
+    int qa = v.rank_ptr[ra], qb = v.rank_ptr[rb];
+    const int qa_end = v.rank_ptr[ra + 1], qb_end = v.rank_ptr[rb + 1];
+    while (qa < qa_end && qb < qb_end) {
+      const int ea = v.rank_edges[qa], eb = v.rank_edges[qb];
+      const int ma = v.edge_exp[ea], mb = v.edge_exp[eb];
+      if (ma == mb) s += w.d[ea] * w.da[eb];
+      qa += ma <= mb ? 1 : 0;
+      qb += mb <= ma ? 1 : 0;
+    }
+    *entry = -s + nu;
+  });
+}
+
+// Factor S~ (assembled) with the reference's regularisation: on failure add
+// 1e-12 * max diag (then x100, at most 4 times).  Returns whether a factor exists.
+LPLB_HD bool factor(const blk::Team& t, const View& v, const Work& w, double nu) {
+  int bad = blk::ldlt_factor(t, w.schur, v.R, v.R, w.tri);
+  if (bad == 0) return true;
+  const double scale = blk::reduce(t, v.R, blk::NanMax{}, [&](int r) { return w.diag[r] + nu; });
+  for (int k = 1; k <= 4 && bad > 0; ++k) {
+    assemble(t, v, w, nu, k, scale, false);
+    bad = blk::ldlt_factor(t, w.schur, v.R, v.R, w.tri);
+  }
+  return bad == 0;
+}
+
+// The corrector's right-hand side, rc = sigma mu - x z - dx_aff dz_aff: h (experts,
+// pass 1), then g into u1 (ranks, pass 2).
+LPLB_HD void corrector_rhs(const blk::Team& t, const View& v, const Work& w, double smu) {
+  auto gx = [&](int e) { return (((smu - w.y[e] * w.z[e]) - w.aff[e]) - w.y[e] * w.rd[e]) * w.iz[e]; };
+  blk::pfor(t, v.M, [&](int m) {
+    double sg = 0.0;
+    for (int e = v.exp_ptr[m]; e < v.exp_ptr[m + 1]; ++e) sg += gx(e);
+    w.hm[m] = w.rp_m[m] - sg;
+  });
+  blk::pfor(t, v.R, [&](int r) {
+    double sg = 0.0, sh = 0.0;
+    for (int q = v.rank_ptr[r]; q < v.rank_ptr[r + 1]; ++q) {
+      const int e = v.rank_edges[q];
+      sg += gx(e);
+      sh += w.da[e] * w.hm[v.edge_exp[e]];
+    }
+    const double gxs = (((smu - w.s[r] * w.zs[r]) - w.affs[r]) - w.s[r] * w.rds[r]) * w.izs[r];
+    w.u1[r] = (w.rp_r[r] + (sg + gxs)) + sh;
+  });
+}
+
+// The direction from the solved system (dw = u1 - dT' u2, dlambda, dx, dz; the
+// predictor also keeps dx dz), stored.  Returns the largest relative decreases
+// max(-dx / x), max(-dz / z) over all variables and sum dx z, sum x dz, sum dx dz.
+LPLB_HD void direction(const blk::Team& t, const View& v, const Work& w, bool corr, double smu, double dTp,
+                       double (&out)[5]) {
+  const int R = v.R, M = v.M;
+  auto dw_of = [&](int r) { return w.u1[r] - dTp * w.u2[r]; };
+  auto dlam_of = [&](int m) {
+    double s = 0.0;
+    for (int e = v.exp_ptr[m]; e < v.exp_ptr[m + 1]; ++e) s += w.d[e] * dw_of(v.edge_rank[e]);
+    return (w.hm[m] + s) * w.ia[m];
+  };
+  const int M0 = warp_round(M), R0 = M0 + warp_round(R);
+  blk::reduce_n<5, 0x3u>(t, R0 + v.E, [&](int i, double* acc) {
+    if (i < M0) {
+      if (i < M) w.dlam[i] = dlam_of(i);
+      return;
+    }
+    double x, z, ix, iz, dx, dz;
+    if (i < R0) {
+      const int r = i - M0;
+      if (r >= R) return;
+      const double dw = dw_of(r);
+      w.dw[r] = dw;
+      x = w.s[r];
+      z = w.zs[r];
+      ix = w.is[r];
+      iz = w.izs[r];
+      const double xz = x * z;
+      const double rc = corr ? (smu - xz) - w.affs[r] : -xz;
+      dx = w.ds[r] * (0.0 - dw) + (rc - x * w.rds[r]) * iz;
+      dz = (rc - z * dx) * ix;
+      w.dxs[r] = dx;
+      w.dzs[r] = dz;
+      if (!corr) w.affs[r] = dx * dz;
+    } else {
+      const int e = i - R0;
+      x = w.y[e];
+      z = w.z[e];
+      ix = w.iy[e];
+      iz = w.iz[e];
+      const double xz = x * z;
+      const double rc = corr ? (smu - xz) - w.aff[e] : -xz;
+      dx = w.d[e] * (dlam_of(v.edge_exp[e]) - dw_of(v.edge_rank[e])) + (rc - x * w.rd[e]) * iz;
+      dz = (rc - z * dx) * ix;
+      w.dx[e] = dx;
+      w.dz[e] = dz;
+      if (!corr) w.aff[e] = dx * dz;
+    }
+    acc[0] = blk::nanmax(acc[0], -(dx * ix));
+    acc[1] = blk::nanmax(acc[1], -(dz * iz));
+    acc[2] += dx * z;
+    acc[3] += x * dz;
+    acc[4] += dx * dz;
+  }, out);
+}
+
+// ---------------------------------------------------------------- driver
+// Solves the component; the split ends in w.flow, its loads in w.load.
+template <typename T>
+LPLB_HD Result solve(const blk::Team& t, const View& v, const T* loads, const Work& w, int max_iters, double tol) {
+  const int R = v.R, M = v.M, E = v.E;
+  Result res{1, 0, 0.0};
+  // original fixed loads and demands; the scale is the mean rank load
+  double sum_f, sum_c;
+  blk::reduce2(t, R + M, [&](int i, double& a, double& b) {
+    if (i < R) {
+      double s = 0.0;
+      for (int j = v.fix_off[i]; j < v.fix_off[i + 1]; ++j) s += static_cast<double>(loads[v.fix_log[j]]) / v.fix_div[j];
+      w.fixed[i] = s;
+      a += s;
+    } else {
+      const double d = static_cast<double>(loads[v.exp_log[i - R]]);
+      w.demand[i - R] = d;
+      b += d;
+    }
+  }, sum_f, sum_c);
+  const double scale = (sum_f + sum_c) / R;
+  const bool trivial = scale <= 0.0;
+
+  if (E > 0 && !trivial) {
+    // ---- starting point: even split, T = its max load, uniform duals, Mehrotra shift
+    double mx[2];
+    const int M0 = warp_round(M), E0 = warp_round(E), ER0 = E0 + warp_round(R);
+    blk::reduce_n<2, 0x3u>(t, M0 + R, [&](int i, double* acc) {
+      if (i < M0) {
+        if (i >= M) return;
+        const int lo = v.exp_ptr[i], hi = v.exp_ptr[i + 1];
+        const double c = w.demand[i] / scale;
+        w.c[i] = c;
+        const double y0 = c / (hi - lo > 1 ? static_cast<double>(hi - lo) : 1.0);
+        for (int e = lo; e < hi; ++e) w.y[e] = y0;
+        acc[0] = blk::nanmax(acc[0], c);
+      } else {
+        const double f = w.fixed[i - M0] / scale;
+        w.f[i - M0] = f;
+        acc[1] = blk::nanmax(acc[1], f);
+      }
+    }, mx);
+    const double cnorm = 1.0 + blk::nanmax(blk::nanmax(mx[0], 0.0), mx[1]);
+    double Tv = blk::reduce(t, R, blk::NanMax{}, [&](int r) {
+      double s = 0.0;
+      for (int q = v.rank_ptr[r]; q < v.rank_ptr[r + 1]; ++q) s += w.y[v.rank_edges[q]];
+      const double load = w.f[r] + s;
+      w.s[r] = load;
+      return load;
+    });
+    const double wi = 1.0 / R;
+    double sums[3];  // x.z, sum x, sum z
+    blk::reduce_n<3, 0u>(t, E0 + R, [&](int i, double* acc) {
+      double x;
+      if (i < E0) {
+        if (i >= E) return;
+        x = w.y[i];
+      } else {
+        x = Tv - w.s[i - E0];
+        w.s[i - E0] = x;
+      }
+      acc[0] += x * wi;
+      acc[1] += x;
+      acc[2] += wi;
+    }, sums);
+    const double dx0 = blk::nanmax(0.5 * sums[0] / sums[2], 0.1);
+    const double dz0 = blk::nanmax(0.5 * sums[0] / (sums[1] > 1e-300 ? sums[1] : 1e-300), 0.1 / R);
+    blk::pfor(t, ER0 + M, [&](int i) {
+      if (i < E0) {
+        if (i >= E) return;
+        w.y[i] = w.y[i] + dx0;
+        w.z[i] = wi + dz0;
+      } else if (i < ER0) {
+        const int r = i - E0;
+        if (r >= R) return;
+        w.s[r] = w.s[r] + dx0;
+        w.zs[r] = wi + dz0;
+        w.w[r] = wi;
+      } else {
+        w.lam[i - ER0] = 0.0;
+      }
+    });
+
+    if (w.tri) {
+      blk::pfor(t, R * (R + 1) / 2, [&](int q) {
+        int i, j;
+        blk::tri_index(q, i, j);
+        w.tri[q] = (i << 16) | j;
+      });
+    }
+
+    // Each pass appears once in the loop below (the first round measures the starting
+    // point, the predictor and the corrector share one phase loop), so the device
+    // fetches each pass's code once per iteration.
+    const double n_var = static_cast<double>(E + R);
+    const double stop_tol = kSafety * tol;
+    const double eta_max = 1.0 - 100.0 * kEpsF64;
+    double mu5[5], mr[2], ap = 0.0, ad = 0.0, best_merit = HUGE_VAL;
+    int stall = 0;
+    bool move = false, converged = false;
+    for (;;) {
+      // ---- apply the step (none in the first round), residuals and the Newton data
+      update(t, v, w, move, ap, ad, mu5);
+      experts(t, v, w, move, ad);
+      ranks(t, v, w, move, ad, Tv, mr);
+      const double rT = 1.0 - mu5[2];
+      const double nu = mr[0] / (static_cast<double>(R) * R);
+      // ---- stop test; keep the best iterate (merit = max of the three measures); the
+      // starting point is the first best
+      bool better = true, stop = max_iters <= 0;
+      if (move) {
+        const double g = fabs(Tv - mu5[0] - mu5[1]) / (1.0 + fabs(Tv));
+        const double pinf = mr[1] / cnorm;
+        const double dinf = blk::nanmax(mu5[4], fabs(rT)) / 2.0;
+        const double merit = blk::nanmax(blk::nanmax(g, pinf), dinf);
+        better = merit < best_merit;
+        if (better) {
+          best_merit = merit;
+          stall = 0;
+        } else {
+          ++stall;
+        }
+        const bool met = better && merit <= stop_tol;
+        converged = converged || met;
+        stop = met || stall >= kStall || res.iterations == max_iters;
+      }
+      if (stop) {
+        if (better) blk::pfor(t, E, [&](int e) { w.best[e] = w.y[e]; });
+        break;
+      }
+      assemble(t, v, w, nu, 0, 0.0, better);
+      const bool factored = factor(t, v, w, nu);
+      ++res.iterations;
+      if (!factored) break;  // no usable factor: the reference's step is not finite
+      const double mu = mu5[3] / n_var;
+      // ---- predictor (affine scaling direction, and S~^-1 1 for the T border), then
+      // the corrector (centring + second-order term) with the same factorisation
+      double us[2], dir[5], u2sum = 1.0, dTp = 0.0, smu = 0.0;
+      LPLB_PRAGMA(unroll 1)  // one copy of the code for both phases
+      for (int phase = 0; phase < 2; ++phase) {
+        const bool corr = phase == 1;
+        if (corr) corrector_rhs(t, v, w, smu);
+        blk::ldlt_subst(t, w.schur, R, R, w.u1, corr ? nullptr : w.u2, us);
+        if (!corr) u2sum = us[1];
+        dTp = (us[0] - rT) / u2sum;
+        direction(t, v, w, corr, smu, dTp, dir);
+        if (!corr) {
+          const double pa = step_to_boundary(dir[0], 1.0), pd = step_to_boundary(dir[1], 1.0);
+          // sum (x + ap dx)(z + ad dz), expanded
+          const double mu_aff = (mu5[3] + pa * dir[2] + pd * dir[3] + pa * pd * dir[4]) / n_var;
+          double sigma = clamp(mu_aff / mu, 0.0, 1.0);
+          sigma = sigma * sigma * sigma;
+          smu = sigma * mu;
+        }
+      }
+      const double dT = dTp + nu * rT;
+      const double eta = clamp(1.0 - mu, kEta, eta_max);
+      ap = step_to_boundary(dir[0], eta);
+      ad = step_to_boundary(dir[1], eta);
+      if (!(ap + ad < 3.0)) break;  // a NaN anywhere reaches dx or dz: frozen
+      Tv = Tv + ap * dT;
+      move = true;
+    }
+    res.converged = converged ? 1 : 0;
+  } else {
+    blk::pfor(t, E, [&](int e) { w.best[e] = 0.0; });
+  }
+
+  // ---- finalisation: original units, non-negative, each expert's edges sum to its
+  // demand (zero demand: 0; vanished flow: the even split over its slots)
+  blk::pfor(t, M, [&](int m) {
+    const int lo = v.exp_ptr[m], hi = v.exp_ptr[m + 1];
+    double tot = 0.0, copies = 0.0;
+    for (int e = lo; e < hi; ++e) {
+      double x = w.best[e] * scale;
+      x = finite(x) ? x : 0.0;
+      x = x > 0.0 ? x : 0.0;
+      w.flow[e] = x;
+      tot += x;
+      copies += v.edge_mult[e];
+    }
+    const double d = w.demand[m];
+    const bool ok = tot > 0.0;
+    const double k = ok ? d / tot : 0.0;
+    for (int e = lo; e < hi; ++e) {
+      const double out = ok ? w.flow[e] * k : d * v.edge_mult[e] / copies;
+      w.flow[e] = d > 0.0 ? out : 0.0;
+    }
+  });
+  res.objective = blk::reduce(t, R, blk::NanMax{}, [&](int r) {
+    double s = 0.0;
+    for (int q = v.rank_ptr[r]; q < v.rank_ptr[r + 1]; ++q) s += w.flow[v.rank_edges[q]];
+    const double load = w.fixed[r] + s;
+    w.load[r] = load;
+    return load;
+  });
+  return res;
+}
+
+}  // namespace ipm
+}  // namespace lplb
