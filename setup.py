@@ -27,7 +27,7 @@ def cuda_build() -> tuple[list, dict]:
         return [], {}
     ext = CUDAExtension(
         "lplb_plugin._C",
-        ["csrc/binding.cpp", "csrc/lplb_kernels.cu"],
+        ["csrc/binding.cpp", "csrc/lplb_kernels.cu", "csrc/lplb_solve.cu"],
         extra_compile_args={
             "cxx": ["-O3"],
             "nvcc": ["-O3", "-std=c++17", "-gencode=arch=compute_90,code=sm_90", "-gencode=arch=compute_80,code=sm_80"],
@@ -48,7 +48,7 @@ setup(
     packages=find_packages(include=["lplb_plugin", "lplb_plugin.*"]) + ["lplb_plugin.csrc"],
     # the CUDA sources ship inside the package so a GPU machine can JIT-compile them
     package_dir={"lplb_plugin.csrc": "csrc"},
-    package_data={"lplb_plugin.data": ["*.json", "*.md"], "lplb_plugin.csrc": ["*.cu", "*.h", "*.cpp"]},
+    package_data={"lplb_plugin.data": ["*.json", "*.md"], "lplb_plugin.csrc": ["*.cu", "*.cuh", "*.h", "*.cpp"]},
     ext_modules=EXT_MODULES,
     cmdclass=CMDCLASS,
     install_requires=[

@@ -4,6 +4,7 @@
 #include <c10/cuda/CUDAGuard.h>
 
 #include "lplb_kernels.h"
+#include "lplb_solve.h"
 
 namespace {
 
@@ -17,20 +18,89 @@ void check_idx(const torch::Tensor& idx) {
               "idx must be int32 or int64, got ", idx.scalar_type());
 }
 
-// (counts int32 [L], prefix int32 [n_chunks, L])
-std::tuple<torch::Tensor, torch::Tensor> count(torch::Tensor idx, int64_t n_logical, int64_t n_chunks) {
+// (counts int32 [L], prefix int32 [n_chunks, L], invalid int32 [1]: ids that are neither
+// -1 nor in [0, L))
+std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> count(torch::Tensor idx, int64_t n_logical, int64_t n_chunks) {
   check_idx(idx);
   TORCH_CHECK(n_logical >= 1 && n_chunks >= 1, "n_logical and n_chunks must be >= 1");
   auto flat = idx.contiguous().view(-1);
   auto opts = idx.options().dtype(torch::kInt32);
   auto prefix = torch::empty({n_chunks, n_logical}, opts);
   auto counts = torch::empty({n_logical}, opts);
+  auto invalid = torch::empty({1}, opts);
   const c10::cuda::CUDAGuard guard(idx.device());
   check(lplb::count_tokens(flat.data_ptr(), idx.scalar_type() == torch::kInt64, flat.numel(), n_logical, n_chunks,
-                           prefix.data_ptr<int32_t>(), counts.data_ptr<int32_t>(),
+                           prefix.data_ptr<int32_t>(), counts.data_ptr<int32_t>(), invalid.data_ptr<int32_t>(),
                            c10::cuda::getCurrentCUDAStream()),
         "count");
-  return {counts, prefix};
+  return {counts, prefix, invalid};
+}
+
+const int* int_ptr(const torch::Tensor& t, const char* name) {
+  TORCH_CHECK(t.is_cuda() && t.scalar_type() == torch::kInt32 && t.is_contiguous(), name,
+              " must be a contiguous CUDA int32 tensor");
+  return t.data_ptr<int32_t>();
+}
+
+// Solve stage.  arrays: the 15 int32 tensors of ComponentArrays.tensors(); sizes:
+// (n_comp, max_ranks, max_experts, max_edges); graph: (slot_edge int32 [P], edge_mult
+// int32 [E], slot_share int32 [P], log2phy int64 [L, C], logcnt int64 [L]).
+// Returns (edge_flow f64 [E], rank_load f64 [R], status i32 [n_comp], bound f64
+// [n_comp], iters i32 [n_comp, 2], x f64 [P], cum f64 [L, C]), all on loads' device.
+std::vector<torch::Tensor> solve(std::vector<torch::Tensor> arrays, std::vector<int64_t> sizes,
+                                 std::vector<torch::Tensor> graph, torch::Tensor loads, int64_t n_ranks,
+                                 int64_t method, double lipschitz, int64_t max_rounds, int64_t ipm_max_iters,
+                                 double ipm_tol) {
+  TORCH_CHECK(arrays.size() == 15, "solve: expected the 15 ComponentArrays tensors, got ", arrays.size());
+  TORCH_CHECK(sizes.size() == 4, "solve: sizes must be (n_comp, max_ranks, max_experts, max_edges)");
+  TORCH_CHECK(graph.size() == 5, "solve: graph must be (slot_edge, edge_mult, slot_share, log2phy, logcnt)");
+  TORCH_CHECK(loads.is_cuda() && (loads.scalar_type() == torch::kInt32 || loads.scalar_type() == torch::kFloat64),
+              "loads must be a CUDA int32 or float64 tensor, got ", loads.scalar_type());
+  TORCH_CHECK(method == 0 || method == 1, "method must be 0 (exact) or 1 (ipm), got ", method);
+  const auto& log2phy = graph[3];
+  const auto& logcnt = graph[4];
+  TORCH_CHECK(log2phy.is_cuda() && log2phy.scalar_type() == torch::kInt64 && log2phy.dim() == 2 &&
+                  log2phy.is_contiguous(),
+              "log2phy must be a contiguous CUDA int64 [L, C] tensor");
+  TORCH_CHECK(logcnt.is_cuda() && logcnt.scalar_type() == torch::kInt64 && logcnt.numel() == log2phy.size(0),
+              "logcnt must be a CUDA int64 [L] tensor");
+  TORCH_CHECK(loads.numel() == log2phy.size(0), "loads must have one entry per logical expert (", log2phy.size(0),
+              "), got ", loads.numel());
+  const c10::cuda::CUDAGuard guard(loads.device());
+  auto ld = loads.contiguous();
+  const int n_comp = static_cast<int>(sizes[0]);
+  lplb::CompArrays a{n_comp};
+  const int** fields[] = {&a.comp_rank_off, &a.comp_exp_off, &a.comp_edge_off, &a.rank_global, &a.fix_off,
+                          &a.fix_log, &a.fix_div, &a.exp_log, &a.exp_ptr, &a.edge_rank, &a.edge_exp,
+                          &a.edge_mult, &a.edge_global, &a.rank_ptr, &a.rank_edges};
+  for (int i = 0; i < 15; ++i) *fields[i] = int_ptr(arrays[i], "component array");
+  const int64_t n_edges = graph[1].numel(), n_phys = graph[0].numel();
+  auto f64 = ld.options().dtype(torch::kFloat64);
+  auto i32 = ld.options().dtype(torch::kInt32);
+  auto edge_flow = torch::empty({n_edges}, f64);
+  auto rank_load = torch::empty({n_ranks}, f64);
+  auto status = torch::empty({n_comp}, i32);
+  auto bound = torch::empty({n_comp}, f64);
+  auto iters = torch::empty({n_comp, 2}, i32);
+  auto x = torch::empty({n_phys}, f64);
+  auto cum = torch::empty({log2phy.size(0), log2phy.size(1)}, f64);
+  lplb::SolveSizes sz{static_cast<int>(sizes[1]), static_cast<int>(sizes[2]), static_cast<int>(sizes[3])};
+  torch::Tensor schur;
+  if (!lplb::solve_schur_in_smem(sz)) schur = torch::empty({n_comp * sz.max_ranks * sz.max_ranks}, f64);
+  lplb::SolveOut out{edge_flow.data_ptr<double>(), rank_load.data_ptr<double>(), status.data_ptr<int32_t>(),
+                     bound.data_ptr<double>(), iters.data_ptr<int32_t>()};
+  const bool is_int = ld.scalar_type() == torch::kInt32;
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  check(lplb::solve_split(a, sz, ld.data_ptr(), is_int, static_cast<int>(method), lipschitz,
+                          static_cast<int>(max_rounds), out, schur.defined() ? schur.data_ptr<double>() : nullptr,
+                          static_cast<int>(ipm_max_iters), ipm_tol, stream),
+        "solve");
+  check(lplb::slot_split(static_cast<int>(log2phy.size(0)), static_cast<int>(log2phy.size(1)), ld.data_ptr(), is_int,
+                         log2phy.data_ptr<int64_t>(), logcnt.data_ptr<int64_t>(), int_ptr(graph[0], "slot_edge"),
+                         int_ptr(graph[1], "edge_mult"), int_ptr(graph[2], "slot_share"),
+                         edge_flow.data_ptr<double>(), x.data_ptr<double>(), cum.data_ptr<double>(), stream),
+        "slot_split");
+  return {edge_flow, rank_load, status, bound, iters, x, cum};
 }
 
 // physical ids, idx's shape and dtype
@@ -63,9 +133,13 @@ torch::Tensor map(torch::Tensor idx, torch::Tensor prefix, torch::Tensor counts,
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "lplb_plugin CUDA kernels: count and map stages of the Planner";
-  m.def("count", &count, "per-expert counts and per-chunk inclusive prefix sums", py::arg("idx"),
-        py::arg("n_logical"), py::arg("n_chunks"));
+  m.doc() = "lplb_plugin CUDA kernels: count, solve and map stages of the Planner";
+  m.def("count", &count, "per-expert counts, per-chunk inclusive prefix sums and the number of invalid ids",
+        py::arg("idx"), py::arg("n_logical"), py::arg("n_chunks"));
+  m.def("solve", &solve, "split LP, one block per connected component, then the per-slot split and copy shares",
+        py::arg("arrays"), py::arg("sizes"), py::arg("graph"), py::arg("loads"), py::arg("n_ranks"),
+        py::arg("method"), py::arg("lipschitz"), py::arg("max_rounds"), py::arg("ipm_max_iters"),
+        py::arg("ipm_tol"));
   m.def("map", &map, "logical -> physical rewrite from the chunk prefix sums and the split", py::arg("idx"),
         py::arg("prefix"), py::arg("counts"), py::arg("cum_frac"), py::arg("log2phy"));
 }

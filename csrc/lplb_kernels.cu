@@ -25,7 +25,7 @@ __device__ __forceinline__ int64_t chunk_begin(int64_t c, int64_t n, int64_t n_c
 
 // One block per chunk: histogram of the chunk into prefix[c, :] (not yet summed).
 __global__ void histogram_kernel(const void* idx, bool is64, int64_t n, int64_t n_logical, int64_t n_chunks,
-                                 int32_t* prefix) {
+                                 int32_t* prefix, int32_t* invalid) {
   extern __shared__ int32_t hist[];
   const int64_t c = blockIdx.x;
   for (int64_t e = threadIdx.x; e < n_logical; e += blockDim.x) hist[e] = 0;
@@ -34,6 +34,7 @@ __global__ void histogram_kernel(const void* idx, bool is64, int64_t n, int64_t 
   for (int64_t i = lo + threadIdx.x; i < hi; i += blockDim.x) {
     const int64_t e = load_id(idx, is64, i);
     if (e >= 0 && e < n_logical) atomicAdd(&hist[e], 1);  // integer sums: order-free
+    else if (e != -1 && invalid != nullptr) atomicAdd(invalid, 1);
   }
   __syncthreads();
   for (int64_t e = threadIdx.x; e < n_logical; e += blockDim.x) prefix[c * n_logical + e] = hist[e];
@@ -118,11 +119,13 @@ cudaError_t allow_smem(Kernel kernel, size_t smem) {
 }  // namespace
 
 cudaError_t count_tokens(const void* idx, bool idx_is_64, int64_t n, int64_t n_logical, int64_t n_chunks,
-                         int32_t* prefix, int32_t* counts, cudaStream_t stream) {
+                         int32_t* prefix, int32_t* counts, int32_t* invalid, cudaStream_t stream) {
   if (n_chunks < 1 || n_logical < 1) return cudaErrorInvalidValue;
+  if (invalid != nullptr)
+    if (cudaError_t err = cudaMemsetAsync(invalid, 0, sizeof(int32_t), stream); err != cudaSuccess) return err;
   const size_t smem = static_cast<size_t>(n_logical) * sizeof(int32_t);
   if (cudaError_t err = allow_smem(histogram_kernel, smem); err != cudaSuccess) return err;
-  histogram_kernel<<<static_cast<unsigned>(n_chunks), kThreads, smem, stream>>>(idx, idx_is_64, n, n_logical, n_chunks, prefix);
+  histogram_kernel<<<static_cast<unsigned>(n_chunks), kThreads, smem, stream>>>(idx, idx_is_64, n, n_logical, n_chunks, prefix, invalid);
   const int64_t warps_per_block = kThreads / 32;
   const unsigned blocks = static_cast<unsigned>((n_logical + warps_per_block - 1) / warps_per_block);
   scan_kernel<<<blocks, kThreads, 0, stream>>>(n_logical, n_chunks, prefix, counts);

@@ -12,18 +12,24 @@ import torch
 
 from .errors import LPLBInputError
 
-__all__ = ["count_tokens", "check_topk_idx"]
+__all__ = ["count_tokens", "check_topk_idx", "check_topk_idx_type"]
+
+
+def check_topk_idx_type(idx: torch.Tensor, name: str = "idx") -> None:
+    """Validate that router output is an int32/int64 tensor (no host sync)."""
+    if not isinstance(idx, torch.Tensor):
+        raise LPLBInputError(f"{name} must be a torch.Tensor of expert ids, got {type(idx).__name__}")
+    if idx.dtype not in (torch.int32, torch.int64):
+        raise LPLBInputError(f"{name} must be int32 or int64 logical expert ids, got dtype {idx.dtype}")
 
 
 def check_topk_idx(idx: torch.Tensor, n_logical: int, name: str = "idx") -> None:
     """Validate router output: an integer tensor with values in ``[-1, n_logical)``.
 
-    One host sync (reads min/max); callers on a CUDA-graph path skip it.
+    One host sync (reads min/max); the CUDA path of ``Planner.run`` instead counts
+    out-of-range ids in its count kernel and reports them one call later.
     """
-    if not isinstance(idx, torch.Tensor):
-        raise LPLBInputError(f"{name} must be a torch.Tensor of expert ids, got {type(idx).__name__}")
-    if idx.dtype not in (torch.int32, torch.int64):
-        raise LPLBInputError(f"{name} must be int32 or int64 logical expert ids, got dtype {idx.dtype}")
+    check_topk_idx_type(idx, name)
     if idx.numel():
         lo, hi = int(idx.min()), int(idx.max())
         if lo < -1 or hi >= n_logical:

@@ -1,4 +1,4 @@
-"""The CUDA path of the count and map stages (``lplb_plugin._C``).
+"""The CUDA path of the count, solve and map stages (``lplb_plugin._C``).
 
 ``setup.py`` builds ``lplb_plugin._C`` when a CUDA build of torch and nvcc are present
 at install time (``LPLB_BUILD_CUDA=0/1`` forces it off/on; it needs
@@ -6,20 +6,24 @@ at install time (``LPLB_BUILD_CUDA=0/1`` forces it off/on; it needs
 use on a GPU JIT-compiles ``csrc/`` with ``torch.utils.cpp_extension.load`` into
 ``$LPLB_CACHE_DIR`` (default ``~/.cache/lplb_plugin``), logging one line.  On a
 machine without a GPU, or with ``LPLB_DISABLE_CUDA=1``, :func:`get` returns ``None``
-and the torch path runs.  Both paths give bit-identical results (tests/gpu).
-
-The solve stage still runs on the host in this release.
+and the torch path runs.  Count and map give bit-identical results to the torch path;
+the solve kernels give the reference solvers' answer to float64 rounding (tests/gpu,
+and tests/test_kernel_emulation.py for their CPU build).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-__all__ = ["get", "count_tokens", "map_tokens", "csrc_dir"]
+from .component_arrays import ComponentArrays
+from .problem import SplitGraph
+
+__all__ = ["get", "count_tokens", "count_tokens_checked", "map_tokens", "csrc_dir", "DeviceSolver", "DeviceSplit"]
 
 log = logging.getLogger("lplb_plugin")
 _module = None
@@ -63,7 +67,7 @@ def get():
     try:
         _module = load(
             name="lplb_plugin_C",
-            sources=[str(src / "binding.cpp"), str(src / "lplb_kernels.cu")],
+            sources=[str(src / "binding.cpp"), str(src / "lplb_kernels.cu"), str(src / "lplb_solve.cu")],
             build_directory=str(build),
             extra_cflags=["-O3"],
             extra_cuda_cflags=["-O3", "-std=c++17"],
@@ -77,6 +81,13 @@ def get():
 
 def count_tokens(idx: torch.Tensor, n_logical: int, n_chunks: int) -> tuple[torch.Tensor, torch.Tensor]:
     """CUDA count stage; same contract as :func:`lplb_plugin.counting.count_tokens`."""
+    counts, prefix, _ = get().count(idx, n_logical, n_chunks)
+    return counts, prefix
+
+
+def count_tokens_checked(idx: torch.Tensor, n_logical: int, n_chunks: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`count_tokens` plus int32 ``[1]``: how many ids are neither ``-1`` nor in
+    ``[0, n_logical)`` (read it later; reading it now would sync)."""
     return get().count(idx, n_logical, n_chunks)
 
 
@@ -86,3 +97,82 @@ def map_tokens(
     """CUDA map stage; same result as :func:`lplb_plugin.redirect.redirect` (with the
     count stage's ``prefix`` and ``counts`` of the same ``idx``)."""
     return get().map(idx, prefix, counts, cum_frac, log2phy)
+
+
+@dataclass(frozen=True)
+class DeviceSplit:
+    """One solve on the GPU; every tensor stays on the device (nothing is read back).
+
+    Attributes:
+        edge_flow: float64 ``[E]`` flow per edge of the graph.
+        rank_loads: float64 ``[R]`` planned load per rank.
+        status: int32 ``[C]`` per connected component: 1 = proven optimal (exact) or
+            converged (ipm), 0 = fallback split (valid, not proven optimal).
+        bound: float64 ``[C]`` the proven lower bound (exact) / objective (ipm).
+        iters: int32 ``[C, 2]`` (rounds, Newton iterations) for exact, (iterations, 0)
+            for ipm.
+        x: float64 ``[P]`` tokens per physical slot.
+        cum_frac: float64 ``[L, C]`` cumulative copy shares, as
+            :func:`lplb_plugin.redirect.copy_fractions` defines them (bit for bit, given
+            ``x``).
+    """
+
+    edge_flow: torch.Tensor
+    rank_loads: torch.Tensor
+    status: torch.Tensor
+    bound: torch.Tensor
+    iters: torch.Tensor
+    x: torch.Tensor
+    cum_frac: torch.Tensor
+
+
+class DeviceSolver:
+    """The solve kernels for one placement on one GPU: one thread block per connected
+    component of the replica graph, then the per-slot split.  Built once per placement
+    (the index arrays move to the device here); :meth:`solve` never synchronises and
+    can be captured in a CUDA graph.
+
+    Args:
+        graph: the placement's :class:`~lplb_plugin.problem.SplitGraph`.
+        log2phy: int ``[L, C]``; logcnt: int ``[L]`` (the placement's tables).
+        device: a CUDA device.
+    """
+
+    METHODS = {"exact": 0, "ipm": 1}
+
+    def __init__(self, graph: SplitGraph, log2phy: torch.Tensor, logcnt: torch.Tensor, device: torch.device) -> None:
+        arrays = ComponentArrays.from_graph(graph)
+        self.arrays = arrays.to(device)
+        self._tensors = self.arrays.tensors()
+        self.sizes = [arrays.n_comp, arrays.max_ranks, arrays.max_experts, arrays.max_edges]
+        i32 = dict(dtype=torch.int32, device=device)
+        self._graph = [
+            graph.slot_edge.to(**i32).contiguous(),
+            graph.edge_mult.to(**i32).contiguous(),
+            graph.log_slots_on_rank.to(**i32).contiguous(),
+            log2phy.to(device=device, dtype=torch.int64).contiguous(),
+            logcnt.to(device=device, dtype=torch.int64).contiguous(),
+        ]
+        self.n_ranks = graph.n_ranks
+        self.n_logical = graph.n_logical
+        self.device = device
+
+    def solve(
+        self, loads: torch.Tensor, method: str = "exact", *, max_rounds: int = 5, ipm_max_iters: int = 100,
+        ipm_tol: float = 1e-6,
+    ) -> DeviceSplit:
+        """Split ``loads`` (``[L]`` global tokens per logical expert on this GPU; int32
+        is read directly, other dtypes are converted to float64 first).
+
+        ``method``: ``"exact"`` or ``"ipm"``; ``max_rounds`` (exact, 1..5),
+        ``ipm_max_iters`` and ``ipm_tol`` as the reference solvers take them.
+        """
+        if method not in self.METHODS:
+            raise ValueError(f"method={method!r}; expected one of {sorted(self.METHODS)}")
+        if loads.dtype not in (torch.int32, torch.float64):
+            loads = loads.to(torch.float64)
+        out = get().solve(
+            self._tensors, self.sizes, self._graph, loads, self.n_ranks, self.METHODS[method],
+            float(self.arrays.lipschitz), int(max_rounds), int(ipm_max_iters), float(ipm_tol),
+        )
+        return DeviceSplit(*out)

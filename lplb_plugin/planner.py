@@ -9,13 +9,17 @@ Two ways to build one:
   per expert, two copies on one rank) or :meth:`Planner.from_config` (an
   :class:`~lplb_plugin.config.LPLBConfig`).
 
-This is the torch path: it runs on CPU and CUDA tensors (the solve itself runs on the
-host, so ``run`` synchronises once per call).  The CUDA kernels plug in behind the same
-methods.
+On CPU tensors (or without the CUDA kernels) this is the torch path: the solve runs on
+the host.  On a GPU with ``lplb_plugin._C`` every stage of :meth:`Planner.run` is a CUDA
+kernel (count, solve with one thread block per connected component, map): no host
+synchronisation, capturable in a CUDA graph.  Checks that need a value from the GPU
+(ids out of range, a solve that fell back) are read one call later, or on demand with
+:meth:`Planner.check_last_run`.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 
@@ -23,7 +27,7 @@ import torch
 
 from .config import LPLBConfig, StatsConfig
 from . import kernels
-from .counting import check_topk_idx, count_tokens
+from .counting import check_topk_idx, check_topk_idx_type, count_tokens
 from .errors import LPLBInputError
 from .layout import ExpertPlacement
 from .placement import rebalance_experts
@@ -182,6 +186,8 @@ class Planner:
         self.solver = solver
         self._solver_options = {"max_iters": ipm_max_iters, "tol": ipm_tol} if solver == "ipm" else {}
         self._solver_options["warn"] = bool(warn_on_fallback)
+        self._ipm_options = (int(ipm_max_iters), float(ipm_tol))
+        self._warn_on_fallback = bool(warn_on_fallback)
         self._config = None
         self._stats_config = stats
         self._set_placement(placement)
@@ -195,6 +201,9 @@ class Planner:
         self.n_local_routed_experts = placement.n_physical // placement.n_ranks
         self.n_local_logical_routed_experts = placement.n_logical // placement.n_ranks
         self._device_tables: dict[torch.device, torch.Tensor] = {}
+        self._device_solvers: dict[torch.device, kernels.DeviceSolver] = {}
+        self._pending = None  # (pinned host copies, event) of the last GPU run's checks
+        self._last_run = None  # (invalid [1], DeviceSplit) of the last GPU run
         # what every EP rank must agree on before counts are summed
         fingerprint = config_fingerprint(
             n_logical=placement.n_logical, n_physical=placement.n_physical, ep_size=placement.n_ranks,
@@ -316,6 +325,16 @@ class Planner:
         """
         device = torch.device(device) if device is not None else global_counts.device
         loads = check_loads(global_counts, self.n_logical_routed_experts, "global_counts")
+        if isinstance(global_counts, torch.Tensor) and global_counts.is_cuda and kernels.get() is not None:
+            # the solve kernels; reading their answer back is this method's one sync
+            t0 = time.perf_counter()
+            split = self._solve_on_device(global_counts.detach())
+            status = split.status.cpu()
+            seconds = time.perf_counter() - t0
+            optimal = bool(status.all())
+            if not optimal and self._warn_on_fallback:
+                _warn_fallback(self.solver, split)
+            return SplitPlan(loads, split.x.cpu(), split.cum_frac.to(device), split.rank_loads.cpu(), optimal, seconds)
         t0 = time.perf_counter()
         result = solve_graph(self._graph, loads, self.solver, **self._solver_options)
         seconds = time.perf_counter() - t0
@@ -358,20 +377,86 @@ class Planner:
             physical ids, same shape/dtype/device as ``idx``.
         """
         _check_counter(avail_counter)
+        if idx.is_cuda and kernels.get() is not None:
+            return self._run_cuda(idx, avail_counter, n_sms)
         check_topk_idx(idx, self.n_logical_routed_experts)
         if n_sms is not None:
             _n_sms(idx, n_sms)  # validated for compatibility; the rewrite does not use it
-        counted = None
-        if idx.is_cuda and kernels.get() is not None and self.stats.source.name == "router":
-            # one count kernel feeds both the reduction and the map
-            counted = kernels.count_tokens(idx, self.n_logical_routed_experts, _n_sms(idx, None))
-            local = counted[0]
-        else:
-            local = self.stats.local_counts(idx)
+        local = self.stats.local_counts(idx)
         plan = self.plan(self.global_counts(local), device=idx.device)
         if avail_counter is not None and plan.optimal:
             avail_counter.add_(self.n_group)
-        return self._redirect(idx, plan, counted)
+        return self._redirect(idx, plan, None)
+
+    def _run_cuda(self, idx: torch.Tensor, avail_counter, n_sms) -> torch.Tensor:
+        """:meth:`run` with the CUDA kernels: no host sync, CUDA-graph capturable."""
+        check_topk_idx_type(idx)
+        if n_sms is not None:
+            _n_sms(idx, n_sms)
+        capturing = torch.cuda.is_current_stream_capturing()
+        if not capturing:
+            self._read_pending(block=False)
+        L = self.n_logical_routed_experts
+        # one count kernel feeds the map, and the reduction unless DeepEP gives counts
+        counts, prefix, invalid = kernels.count_tokens_checked(idx, L, _n_sms(idx, None))
+        local = counts if self.stats.source.name == "router" else self.stats.local_counts(idx)
+        split = self._solve_on_device(self.global_counts(local))
+        if avail_counter is not None:
+            # upstream's semantics: + n_group when the batch was solved to optimality
+            solved = (split.status.amin() > 0).to(avail_counter.dtype) * self.n_group
+            avail_counter.add_(solved.view_as(avail_counter))
+        out = kernels.map_tokens(idx, prefix, counts, split.cum_frac, self._log2phy_on(idx.device))
+        self._last_run = (invalid, split)
+        if not capturing:
+            pinned = (invalid.to("cpu", non_blocking=True), split.status.to("cpu", non_blocking=True))
+            event = torch.cuda.Event()
+            event.record()
+            self._pending = (pinned, event)
+        return out
+
+    def _solve_on_device(self, global_counts: torch.Tensor) -> "kernels.DeviceSplit":
+        device = global_counts.device
+        solver = self._device_solvers.get(device)
+        if solver is None:
+            solver = kernels.DeviceSolver(self._graph, self.log2phy, self.logcnt, device)
+            self._device_solvers[device] = solver
+        max_iters, tol = self._ipm_options
+        return solver.solve(global_counts, self.solver, ipm_max_iters=max_iters, ipm_tol=tol)
+
+    def _read_pending(self, block: bool) -> None:
+        """Act on the checks of the last GPU :meth:`run` once their values have
+        reached the host (``block``: wait for them)."""
+        if self._pending is None:
+            return
+        (invalid, status), event = self._pending
+        if not block and not event.query():
+            return
+        event.synchronize()
+        self._pending = None
+        n_bad = int(invalid[0])
+        if n_bad:
+            raise LPLBInputError(
+                f"idx values must lie in [-1, {self.n_logical_routed_experts}) (-1 = dropped): {n_bad} entries of "
+                f"a previous Planner.run batch were outside that range and were mapped to -1"
+            )
+        if not bool(status.all()) and self._warn_on_fallback:
+            _warn_fallback(self.solver, None, int((status == 0).sum()), int(status.numel()))
+
+    def check_last_run(self) -> "kernels.DeviceSplit | None":
+        """Wait for the last GPU :meth:`run` (eager or a CUDA-graph replay) and act on its
+        checks: raise :class:`LPLBInputError` if its ``idx`` had values outside
+        ``[-1, L)``, warn if a component's split was a fallback.  Returns that run's
+        :class:`~lplb_plugin.kernels.DeviceSplit` (``None`` before any GPU run).  One
+        host sync; :meth:`run` itself never syncs and reads these checks one call
+        later."""
+        if self._last_run is None:
+            return None
+        invalid, split = self._last_run
+        torch.cuda.current_stream(invalid.device).synchronize()
+        self._pending = ((invalid.cpu(), split.status.cpu()), torch.cuda.Event())
+        self._pending[1].record()
+        self._read_pending(block=True)
+        return split
 
     # ------------------------------------------------------------------ upstream r2o stages
     def solve_probs(self, workload: torch.Tensor, avail_counter: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -532,6 +617,16 @@ def eplb_groups_and_nodes(config: LPLBConfig, n_logical: int) -> tuple[int, int]
         return (1, 1) if config.lp.scope == "global" else (pc.num_groups, 1)
     groups = pc.num_groups if pc.num_groups % pc.num_nodes == 0 else n_logical
     return groups, pc.num_nodes
+
+
+def _warn_fallback(method: str, split, n_fallback: int | None = None, n_comp: int | None = None) -> None:
+    if split is not None:
+        status = split.status.cpu()
+        n_fallback, n_comp = int((status == 0).sum()), int(status.numel())
+    logging.getLogger("lplb_plugin").warning(
+        "lplb: %s split not %s in %d of %d connected components; used the best valid split found",
+        method, "proven optimal" if method == "exact" else "converged", n_fallback, n_comp,
+    )
 
 
 def _group_size(group) -> int:

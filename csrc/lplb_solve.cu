@@ -1,0 +1,162 @@
+// Solve kernels: one thread block per connected component of the replica graph
+// (solve_exact.cuh, solve_ipm.cuh), then one thread per logical expert turns the edge flow into the
+// per-slot split and the cumulative copy shares the map kernel reads.  No host sync.
+#include <cuda_runtime.h>
+
+#include "lplb_solve.h"
+#include "solve_exact.cuh"
+#include "solve_ipm.cuh"
+
+namespace lplb {
+namespace {
+
+constexpr int kSolveThreads = 256;
+// The IPM's blocks: its passes are short dependent chains, so fewer warps mean cheaper
+// barriers and reductions (128 measured faster than 256 on H100; at most 256 for
+// kRedDoubles).
+constexpr int kIpmThreads = 128;
+constexpr int kRedDoubles = 80;  // reduction scratch: 2 x 32 warps + the Cholesky flag
+constexpr size_t kSmemLimit = 200 * 1024;
+
+// kInside: the Newton matrix lives in shared memory (compile-time, so that the accesses
+// compile to shared-memory instructions).  The component's index arrays are staged in
+// shared memory after the scratch.
+template <typename T, bool kInside>
+__global__ void __launch_bounds__(kSolveThreads) exact_kernel(CompArrays a, const T* loads, double lipschitz,
+                                                               int max_rounds, SolveOut out, double* schur_global,
+                                                               int schur_stride, size_t work_bytes) {
+  extern __shared__ double smem[];
+  const int c = blockIdx.x;
+  blk::Team team{smem};
+  const View g = View::of(a, c);
+  const View v = g.stage(team, reinterpret_cast<int*>(reinterpret_cast<char*>(smem + kRedDoubles) + work_bytes));
+  exact::Work w;
+  exact::Work::layout(&w, reinterpret_cast<char*>(smem + kRedDoubles), v.R, v.M, v.E, kInside);
+  if (!kInside) w.schur = schur_global + static_cast<size_t>(c) * schur_stride;
+  const exact::Result r = exact::solve(team, v, loads, w, lipschitz, max_rounds);
+  write_out(team, v, c, w.flow, w.load, r.certified, r.bound, r.rounds, r.newton_iters, out);
+}
+
+// kInside: the Schur matrix lives in shared memory (a compile-time choice, so that its
+// accesses compile to shared-memory instructions rather than generic ones).
+template <typename T, bool kInside>
+__global__ void __launch_bounds__(kIpmThreads, 1) ipm_kernel(CompArrays a, const T* loads, int max_iters, double tol,
+                                                             SolveOut out, double* schur_global, int schur_stride) {
+  extern __shared__ double smem[];
+  const int c = blockIdx.x;
+  const View v = View::of(a, c);
+  blk::Team team{smem};
+  ipm::Work w;
+  ipm::Work::layout(&w, reinterpret_cast<char*>(smem + kRedDoubles), v.R, v.M, v.E, kInside);
+  if (!kInside) w.schur = schur_global + static_cast<size_t>(c) * schur_stride;
+  const ipm::Result r = ipm::solve(team, v, loads, w, max_iters, tol);
+  write_out(team, v, c, w.flow, w.load, r.converged, r.objective, r.iterations, 0, out);
+}
+
+// One block's scratch in bytes (after the reduction head) for `method`.
+size_t work_bytes(int method, const SolveSizes& sz, bool schur_inside) {
+  return method == 1 ? ipm::Work::layout(nullptr, nullptr, sz.max_ranks, sz.max_experts, sz.max_edges, schur_inside)
+                     : exact::Work::layout(nullptr, nullptr, sz.max_ranks, sz.max_experts, sz.max_edges, schur_inside);
+}
+
+// x[p] and cum[e, :] (the bit-exact definition of lplb_plugin.redirect.copy_fractions).
+template <typename T>
+__global__ void slots_kernel(int n_logical, int n_cols, const T* loads, const int64_t* log2phy, const int64_t* logcnt,
+                             const int* slot_edge, const int* edge_mult, const int* slot_share,
+                             const double* edge_flow, double* x, double* cum) {
+  const int e = blockIdx.x * blockDim.x + threadIdx.x;
+  if (e >= n_logical) return;
+  const int64_t cnt = logcnt[e];
+  const double load = static_cast<double>(loads[e]);
+  double s = 0.0;
+  for (int k = 0; k < n_cols; ++k) {
+    const int64_t p = log2phy[static_cast<int64_t>(e) * n_cols + k];
+    if (k < cnt && p >= 0) {
+      const int g = slot_edge[p];
+      const double xp = g >= 0 ? edge_flow[g] / edge_mult[g] : load / slot_share[p];
+      x[p] = xp;
+      s = s + (xp > 0.0 ? xp : 0.0);
+    }
+    cum[static_cast<int64_t>(e) * n_cols + k] = s;  // running sums for now
+  }
+  const double total = s;
+  for (int k = 0; k < n_cols; ++k) {
+    double* out = cum + static_cast<int64_t>(e) * n_cols + k;
+    double v = total > 0.0 ? __ddiv_rn(*out, total) : __ddiv_rn(static_cast<double>(k + 1), static_cast<double>(cnt < 1 ? 1 : cnt));
+    v = v > 1.0 ? 1.0 : v;
+    *out = k >= cnt - 1 ? 1.0 : v;
+  }
+}
+
+template <typename Kernel>
+cudaError_t allow_smem(Kernel kernel, size_t smem) {
+  if (smem <= 48 * 1024) return cudaSuccess;
+  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+}
+
+template <typename T>
+cudaError_t launch(const CompArrays& a, const SolveSizes& sz, const T* loads, int method, double lipschitz,
+                   int max_rounds, const SolveOut& out, double* schur_global, int ipm_max_iters, double ipm_tol,
+                   cudaStream_t stream) {
+  if (a.n_comp == 0) return cudaSuccess;
+  if (method != 0 && method != 1) return cudaErrorInvalidValue;
+  const size_t head = kRedDoubles * sizeof(double);
+  const bool inside = solve_schur_in_smem(sz);
+  if (!inside && schur_global == nullptr) return cudaErrorInvalidValue;
+  const size_t smem = head + work_bytes(method, sz, inside);
+  double* schur = inside ? nullptr : schur_global;
+  const int stride = sz.max_ranks * sz.max_ranks;
+  if (method == 1) {
+    auto kernel = inside ? ipm_kernel<T, true> : ipm_kernel<T, false>;
+    if (cudaError_t err = allow_smem(kernel, smem); err != cudaSuccess) return err;
+    kernel<<<a.n_comp, kIpmThreads, smem, stream>>>(a, loads, ipm_max_iters, ipm_tol, out, schur, stride);
+  } else {
+    // one warp per 32 of the largest component's edges / experts + ranks (at least one,
+    // at most 8): small components get cheap barriers, large ones enough lanes
+    const int width = sz.max_edges > sz.max_experts + sz.max_ranks ? sz.max_edges : sz.max_experts + sz.max_ranks;
+    int threads = ((width + 31) / 32) * 32;
+    threads = threads < 32 ? 32 : (threads > kSolveThreads ? kSolveThreads : threads);
+    const size_t work = work_bytes(0, sz, inside);
+    const size_t staged = ((View::staged_ints(sz.max_ranks, sz.max_experts, sz.max_edges) * sizeof(int) + 7) / 8) * 8;
+    const size_t bytes = head + work + staged;
+    auto kernel = inside ? exact_kernel<T, true> : exact_kernel<T, false>;
+    if (cudaError_t err = allow_smem(kernel, bytes); err != cudaSuccess) return err;
+    kernel<<<a.n_comp, threads, bytes, stream>>>(a, loads, lipschitz, max_rounds, out, schur, stride, work);
+  }
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+bool solve_schur_in_smem(const SolveSizes& sz) {
+  // one answer for both methods (the caller sizes the global fallback before choosing)
+  const size_t head = kRedDoubles * sizeof(double);
+  const size_t staged = View::staged_ints(sz.max_ranks, sz.max_experts, sz.max_edges) * sizeof(int) + 8;
+  const size_t e = work_bytes(0, sz, true) + staged, i = work_bytes(1, sz, true);
+  return head + (e > i ? e : i) <= kSmemLimit;
+}
+
+cudaError_t solve_split(const CompArrays& a, const SolveSizes& sz, const void* loads, bool loads_int32, int method,
+                        double lipschitz, int max_rounds, const SolveOut& out, double* schur_global,
+                        int ipm_max_iters, double ipm_tol, cudaStream_t stream) {
+  return loads_int32 ? launch(a, sz, static_cast<const int32_t*>(loads), method, lipschitz, max_rounds, out,
+                              schur_global, ipm_max_iters, ipm_tol, stream)
+                     : launch(a, sz, static_cast<const double*>(loads), method, lipschitz, max_rounds, out,
+                              schur_global, ipm_max_iters, ipm_tol, stream);
+}
+
+cudaError_t slot_split(int n_logical, int n_cols, const void* loads, bool loads_int32, const int64_t* log2phy,
+                       const int64_t* logcnt, const int* slot_edge, const int* edge_mult, const int* slot_share,
+                       const double* edge_flow, double* x, double* cum, cudaStream_t stream) {
+  if (n_logical == 0) return cudaSuccess;
+  const int threads = 128, blocks = (n_logical + threads - 1) / threads;
+  if (loads_int32)
+    slots_kernel<<<blocks, threads, 0, stream>>>(n_logical, n_cols, static_cast<const int32_t*>(loads), log2phy,
+                                                 logcnt, slot_edge, edge_mult, slot_share, edge_flow, x, cum);
+  else
+    slots_kernel<<<blocks, threads, 0, stream>>>(n_logical, n_cols, static_cast<const double*>(loads), log2phy,
+                                                 logcnt, slot_edge, edge_mult, slot_share, edge_flow, x, cum);
+  return cudaGetLastError();
+}
+
+}  // namespace lplb

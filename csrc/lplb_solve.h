@@ -1,0 +1,34 @@
+// Solve stage of the Planner on the GPU (torch-free C++ API); see lplb_solve.cu.
+#pragma once
+
+#include <cstdint>
+#include <cuda_runtime.h>
+
+#include "solve_view.cuh"
+
+namespace lplb {
+
+// Largest component of the graph (sizes the per-block scratch).
+struct SolveSizes {
+  int max_ranks, max_experts, max_edges;
+};
+
+// Whether one block's scratch, the R x R Newton / Schur matrix included, fits in shared
+// memory for either method; otherwise the caller passes n_comp * max_ranks^2 doubles
+// of global memory.
+bool solve_schur_in_smem(const SolveSizes& sz);
+
+// One block per component.  loads: int32 or float64 [L] global tokens per logical
+// expert.  method 0 = exact (lipschitz, max_rounds), 1 = ipm (ipm_max_iters, ipm_tol,
+// as lplb_plugin.solvers.ipm.solve_ipm takes them).  Writes out (graph numbering).
+// No host sync.
+cudaError_t solve_split(const CompArrays& a, const SolveSizes& sz, const void* loads, bool loads_int32, int method,
+                        double lipschitz, int max_rounds, const SolveOut& out, double* schur_global,
+                        int ipm_max_iters, double ipm_tol, cudaStream_t stream);
+
+// Per-slot split x [P] and cumulative copy shares cum [L, n_cols] from an edge flow.
+cudaError_t slot_split(int n_logical, int n_cols, const void* loads, bool loads_int32, const int64_t* log2phy,
+                       const int64_t* logcnt, const int* slot_edge, const int* edge_mult, const int* slot_share,
+                       const double* edge_flow, double* x, double* cum, cudaStream_t stream);
+
+}  // namespace lplb

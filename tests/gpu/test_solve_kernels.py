@@ -1,0 +1,194 @@
+"""CUDA solve kernels (exact, ipm) and the sync-free Planner.run against the torch /
+numpy references (skipped without CUDA)."""
+
+import logging
+
+import pytest
+import torch
+
+from instances import instances, random_placement
+from lplb_plugin import Planner, kernels, topology
+from lplb_plugin.errors import LPLBInputError
+from lplb_plugin.layout import ExpertPlacement
+from lplb_plugin.problem import SplitGraph
+from lplb_plugin.redirect import copy_fractions, redirect
+from lplb_plugin.solvers.exact import solve_exact
+from lplb_plugin.solvers.ipm import solve_ipm
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def _solver(inst_or_placement, graph=None):
+    p = getattr(inst_or_placement, "placement", inst_or_placement)
+    g = graph if graph is not None else SplitGraph.from_placement(p)
+    assert kernels.get() is not None, "CUDA is available but the kernels did not build"
+    return kernels.DeviceSolver(g, p.log2phy, p.logcnt, torch.device("cuda")), g, p
+
+
+def _rel(a, b, scale):
+    return float((a - b).abs().max()) / max(scale, 1.0) if a.numel() else 0.0
+
+
+def test_exact_kernel_matches_reference_on_300_instances():
+    worst = 0.0
+    for inst in instances(300, seed=21):
+        ds, g, p = _solver(inst, inst.graph)
+        split = ds.solve(inst.loads.cuda(), "exact")
+        ref = solve_exact(g, inst.loads)
+        scale = float(inst.loads.max())
+        assert bool(split.status.all()) == ref.certified, inst.name
+        d = _rel(split.edge_flow.cpu(), ref.edge_flow, scale)
+        worst = max(worst, d)
+        assert d <= 1e-9, (inst.name, d)
+        assert _rel(split.rank_loads.cpu(), ref.rank_loads, scale) <= 1e-9
+        # x and the copy shares are the reference's functions of the kernel's flow
+        x = g.slot_split(inst.loads, split.edge_flow.cpu())
+        assert torch.allclose(split.x.cpu(), x, rtol=1e-15, atol=0)
+        assert torch.equal(split.cum_frac.cpu(), copy_fractions(split.x.cpu(), p.log2phy, p.logcnt))
+    print(f"exact kernel: worst relative flow difference {worst:.2e}")
+
+
+def test_int32_and_float64_loads_agree():
+    inst = next(iter(instances(1, seed=3)))
+    ds, _, _ = _solver(inst, inst.graph)
+    a = ds.solve(inst.loads.round().to(torch.int32).cuda())
+    b = ds.solve(inst.loads.round().cuda())
+    assert torch.equal(a.edge_flow, b.edge_flow) and torch.equal(a.cum_frac, b.cum_frac)
+
+
+@pytest.mark.parametrize("n_ranks", [64, 160])
+def test_large_components(n_ranks):
+    """64 ranks in shared memory; 160 ranks puts the Newton matrix in global memory."""
+    gen = torch.Generator().manual_seed(n_ranks)
+    p = random_placement(gen, 4 * n_ranks, n_ranks, 6)
+    ds, g, _ = _solver(p)
+    loads = ((torch.rand(4 * n_ranks, generator=gen, dtype=torch.float64) ** 4) * 1e5).round()
+    split = ds.solve(loads.cuda())
+    ref = solve_exact(g, loads)
+    assert bool(split.status.all()) == ref.certified
+    assert _rel(split.edge_flow.cpu(), ref.edge_flow, float(loads.max())) <= 1e-9
+
+
+def test_fallback_is_reported_and_valid():
+    inst = next(iter(instances(3, seed=4)))
+    ds, g, _ = _solver(inst, inst.graph)
+    split = ds.solve(inst.loads.cuda(), max_rounds=0)
+    has_edges = (ds.arrays.comp_edge_off[1:] > ds.arrays.comp_edge_off[:-1]).cpu()
+    assert not bool(split.status.cpu()[has_edges].any())
+    assert torch.allclose(split.edge_flow.cpu(), g.even_flow(inst.loads), rtol=1e-12, atol=1e-9)
+
+
+def test_ipm_kernel_matches_torch_ipm():
+    worst = 0.0
+    for inst in instances(120, seed=8):
+        ds, g, _ = _solver(inst, inst.graph)
+        split = ds.solve(inst.loads.cuda(), "ipm")
+        ref = solve_ipm(g, inst.loads)
+        fixed = g.fixed_loads(inst.loads)
+        ref_obj = float(g.rank_loads(fixed, ref.edge_flow).max())
+        got_obj = float(split.rank_loads.max())
+        scale = max(ref_obj, 1.0)
+        worst = max(worst, abs(got_obj - ref_obj) / scale)
+        assert abs(got_obj - ref_obj) <= 1e-5 * scale, inst.name
+        assert bool(split.status.all()) == bool(ref.converged), inst.name
+        flow = split.edge_flow.cpu()
+        assert bool((flow >= 0).all())
+        sums = torch.zeros(g.n_movable, dtype=torch.float64).index_add_(0, g.edge_expert, flow)
+        assert torch.allclose(sums, g.demands(inst.loads), rtol=1e-9, atol=1e-6)
+    print(f"ipm kernel: worst relative objective difference {worst:.2e}")
+
+
+# ------------------------------------------------------------------ Planner.run
+def _idx(gen, tokens, n_logical=256, topk=8):
+    w = torch.rand(n_logical, generator=gen) ** 3
+    logits = torch.log(w).unsqueeze(0) - torch.log(-torch.log(torch.rand(tokens, n_logical, generator=gen)))
+    idx = torch.topk(logits, topk, dim=1).indices
+    idx[torch.rand(tokens, topk, generator=gen) < 0.02] = -1
+    return idx
+
+
+@pytest.mark.parametrize("solver", ["exact", "ipm"])
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
+def test_run_is_reference_rewrite_of_kernel_split(solver, dtype):
+    planner = Planner(topology.cube(), 320, 256, ep_size=32, solver=solver)
+    idx = _idx(torch.Generator().manual_seed(2), 4096).to(dtype)
+    out = planner.run(idx.cuda())
+    split = planner.check_last_run()
+    assert out.dtype == dtype and out.shape == idx.shape
+    assert torch.equal(out.cpu(), redirect(idx, split.cum_frac.cpu(), planner.log2phy))
+    ref = planner.plan(planner.count_workload(idx)[0])
+    assert torch.allclose(split.cum_frac.cpu(), ref.cum_frac, rtol=0, atol=1e-5 if solver == "ipm" else 1e-12)
+    # every token goes to a copy of its own logical expert; -1 stays -1
+    o = out.cpu().long()
+    assert torch.equal(o < 0, idx < 0)
+    assert torch.equal(planner.phy2log[o[idx >= 0]], idx[idx >= 0].long())
+
+
+def test_run_is_deterministic_and_counts_avail():
+    planner = Planner(topology.torus_2d(8, 4), 320, 256, ep_size=32)
+    idx = _idx(torch.Generator().manual_seed(4), 16384).cuda()
+    counter = torch.zeros((), dtype=torch.int32, device="cuda")
+    a = planner.run(idx, counter)
+    b = planner.run(idx, counter)
+    assert torch.equal(a, b)
+    assert int(counter) == 2 * planner.n_group
+
+
+def test_run_captured_in_cuda_graph_replays_with_new_ids():
+    prof = torch.rand(256, generator=torch.Generator().manual_seed(0), dtype=torch.float64) ** 2
+    from lplb_plugin.placement import rebalance_experts
+
+    phy2log, _, _ = rebalance_experts(prof.unsqueeze(0), 288, 8, 4, 32)
+    planner = Planner.from_placement(ExpertPlacement.from_phy2log(phy2log[0], 32, 256))
+    eager = Planner.from_placement(planner.placement)
+    gen = torch.Generator().manual_seed(9)
+    static_idx = _idx(gen, 4096).cuda()
+    counter = torch.zeros((), dtype=torch.int64, device="cuda")
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            planner.run(static_idx)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = planner.run(static_idx, counter)
+    for _ in range(3):
+        new = _idx(gen, 4096)
+        static_idx.copy_(new.cuda())
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(static_out, eager.run(new.cuda()))
+    assert int(counter) == 3 * planner.n_group
+    assert planner.check_last_run() is not None
+
+
+def test_invalid_ids_are_reported_without_a_sync_in_run():
+    planner = Planner(topology.cube(), 320, 256, ep_size=32)
+    bad = torch.randint(0, 256, (64, 8)).cuda()
+    bad[3, 2] = 256
+    out = planner.run(bad)
+    assert int(out[3, 2]) == -1
+    with pytest.raises(LPLBInputError, match=r"\[-1, 256\)"):
+        planner.check_last_run()
+    planner.run(bad)
+    torch.cuda.synchronize()
+    with pytest.raises(LPLBInputError, match="previous Planner.run batch"):
+        planner.run(torch.zeros(4, 8, dtype=torch.int64, device="cuda"))
+
+
+def test_fallback_warns_one_call_later(caplog):
+    inst = next(iter(instances(1, seed=4)))
+    planner = Planner.from_placement(inst.placement)
+    idx = _idx(torch.Generator().manual_seed(1), 2048).cuda()
+    planner.run(idx)
+    split = planner.check_last_run()
+    assert bool(split.status.all())
+    # a fallback from the kernel (no certification round) is warned about
+    ds = planner._device_solvers[idx.device]
+    original = ds.solve
+    ds.solve = lambda loads, method="exact", **kw: original(loads, method, max_rounds=0)
+    with caplog.at_level(logging.WARNING, logger="lplb_plugin"):
+        planner.run(idx)
+        planner.check_last_run()
+    assert any("not proven optimal" in r.message for r in caplog.records)
