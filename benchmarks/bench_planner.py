@@ -1,14 +1,21 @@
-"""Planner stage timings on a GPU: CUDA count + map kernels vs the torch path, and
-the host solve, per topology.
+"""Planner stage timings on a GPU: the CUDA kernels (count, exact and IPM solve, map,
+and the whole ``Planner.run``) next to the torch path and the host solve, per topology.
 
 256 logical experts, top-8, 4096 and 16384 tokens per rank; placements: ring EP8x1,
 cube EP32 (8x2), hypercube EP16 (16x2), torus EP32 (8x4), cube EP64, EPLB EP32 with
-288 slots.  Kernel figures are CUDA-event timings of CUDA-graph replays (count + map
-captured once, replayed 200 times after warm-up); the torch path is timed the same way
-where it can be captured (its redirect) and by events otherwise; the solve is the
-exact solver on the host (wall clock, median of 50); ``run_ms`` is the full
-``Planner.run`` (count, device->host copy of the counts, host solve, map) timed
-end to end.  Prints one JSON object.
+288 slots.  Kernel figures are CUDA-event timings of CUDA-graph replays (captured
+once, replayed 200 times after warm-up):
+
+- ``solve_exact_us`` / ``solve_ipm_us``: the solve kernel (one block per connected
+  component) plus the small kernel turning its flow into per-slot shares;
+- ``run_graph_us``: ``Planner.run`` captured whole (count + solve + map; no group, so
+  no communication);
+- ``ipm_gap``: relative distance of the IPM kernel's max load from the exact optimum.
+
+Baselines in the same process: the torch count / redirect (events / graph replays),
+the exact solver on the host (wall clock, median of 50) and ``host_run_ms``, the
+torch-path ``Planner.run`` (CPU solve, one sync) timed end to end.  Prints one JSON
+object.
 
     python benchmarks/bench_planner.py
 """
@@ -90,10 +97,10 @@ def main() -> None:
             row = {"placement": name, "ranks": planner.ep_size, "slots": planner.n_routed_experts, "tokens_per_rank": tokens}
             if ext is not None:
                 row["count_kernel_us"] = round(graph_time(lambda: ext.count(idx, 256, n_sms)), 2)
-                c, pre = ext.count(idx, 256, n_sms)
+                c, pre, _ = ext.count(idx, 256, n_sms)
                 row["map_kernel_us"] = round(graph_time(lambda: ext.map(idx, pre, c, plan.cum_frac, l2p)), 2)
                 row["count_map_graph_us"] = round(
-                    graph_time(lambda: ext.map(idx, *reversed(ext.count(idx, 256, n_sms)), plan.cum_frac, l2p)), 2
+                    graph_time(lambda: ext.map(idx, *reversed(ext.count(idx, 256, n_sms)[:2]), plan.cum_frac, l2p)), 2
                 )
             row["torch_count_us"] = round(event_time(lambda: count_tokens(idx, 256, n_sms)), 2)
             row["torch_redirect_graph_us"] = round(graph_time(lambda: redirect(idx, plan.cum_frac, l2p, check=False)), 2)
@@ -103,14 +110,40 @@ def main() -> None:
                 planner.plan(counts.cpu(), device="cuda")
                 solve.append((time.perf_counter() - t0) * 1e3)
             row["host_solve_ms"] = round(statistics.median(solve), 3)
+            if ext is not None:
+                ds = kernels.DeviceSolver(planner._graph, planner.log2phy, planner.logcnt, torch.device("cuda"))
+                glob = counts.to(torch.int32)
+                row["solve_exact_us"] = round(graph_time(lambda: ds.solve(glob, "exact")), 2)
+                row["solve_ipm_us"] = round(graph_time(lambda: ds.solve(glob, "ipm")), 2)
+                ex, ip = ds.solve(glob, "exact"), ds.solve(glob, "ipm")
+                opt = float(ex.rank_loads.max())
+                row["exact_certified"] = bool(ex.status.all())
+                row["exact_rounds_max"] = int(ex.iters[:, 0].max())
+                row["exact_newton_max"] = int(ex.iters[:, 1].max())
+                row["ipm_converged"] = bool(ip.status.all())
+                row["ipm_iters_max"] = int(ip.iters[:, 0].max())
+                row["ipm_gap"] = float(ip.rank_loads.max()) / opt - 1.0 if opt > 0 else 0.0
+                row["run_graph_us"] = round(graph_time(lambda: planner.run(idx)), 2)
+                eager = []
+                for _ in range(30):
+                    torch.cuda.synchronize()
+                    t0 = time.perf_counter()
+                    planner.run(idx)
+                    torch.cuda.synchronize()
+                    eager.append((time.perf_counter() - t0) * 1e6)
+                row["run_eager_us"] = round(statistics.median(eager), 1)
+            # the previous release's run(): GPU count, counts to the host, host solve,
+            # GPU map of the host's shares
             runs = []
             for _ in range(30):
                 torch.cuda.synchronize()
                 t0 = time.perf_counter()
-                planner.run(idx)
+                local = planner.count_workload(idx)[0]
+                host_plan = planner.plan(local.cpu(), device=idx.device)
+                planner.redirect(idx, host_plan)
                 torch.cuda.synchronize()
                 runs.append((time.perf_counter() - t0) * 1e3)
-            row["run_ms"] = round(statistics.median(runs), 3)
+            row["host_run_ms"] = round(statistics.median(runs), 3)
             rows.append(row)
     print(json.dumps({
         "benchmark": "planner", "gpu": torch.cuda.get_device_name(0), "torch": torch.__version__,
