@@ -202,8 +202,14 @@ class Planner:
         self.n_local_logical_routed_experts = placement.n_logical // placement.n_ranks
         self._device_tables: dict[torch.device, torch.Tensor] = {}
         self._device_solvers: dict[torch.device, kernels.DeviceSolver] = {}
-        self._pending = None  # (pinned host copies, event) of the last GPU run's checks
-        self._last_run = None  # (invalid [1], DeviceSplit) of the last GPU run
+        # GPU runs' checks, without a sync: device totals of (ids out of range, fallback
+        # components) since the planner was built, their pinned host copy with the event
+        # that says it arrived, and the totals already acted on
+        self._checks: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._pending = None  # (pinned totals, event)
+        self._seen = [0, 0]
+        self._last_split = None  # DeviceSplit of the last GPU run
+        self._last_device = None
         # what every EP rank must agree on before counts are summed
         fingerprint = config_fingerprint(
             n_logical=placement.n_logical, n_physical=placement.n_physical, ep_size=placement.n_ranks,
@@ -395,7 +401,7 @@ class Planner:
             _n_sms(idx, n_sms)
         capturing = torch.cuda.is_current_stream_capturing()
         if not capturing:
-            self._read_pending(block=False)
+            self._read_pending()
         L = self.n_logical_routed_experts
         # one count kernel feeds the map, and the reduction unless DeepEP gives counts
         counts, prefix, invalid = kernels.count_tokens_checked(idx, L, _n_sms(idx, None))
@@ -406,13 +412,23 @@ class Planner:
             solved = (split.status.amin() > 0).to(avail_counter.dtype) * self.n_group
             avail_counter.add_(solved.view_as(avail_counter))
         out = kernels.map_tokens(idx, prefix, counts, split.cum_frac, self._log2phy_on(idx.device))
-        self._last_run = (invalid, split)
-        if not capturing:
-            pinned = (invalid.to("cpu", non_blocking=True), split.status.to("cpu", non_blocking=True))
+        totals, pinned = self._check_buffers(idx.device)
+        totals[0] += invalid[0]
+        totals[1] += (split.status == 0).sum()
+        self._last_split, self._last_device = split, idx.device
+        if not capturing:  # (a graph's replays are read by check_last_run)
+            pinned.copy_(totals, non_blocking=True)
             event = torch.cuda.Event()
             event.record()
             self._pending = (pinned, event)
         return out
+
+    def _check_buffers(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        bufs = self._checks.get(device)
+        if bufs is None:
+            bufs = (torch.zeros(2, dtype=torch.int64, device=device), torch.zeros(2, dtype=torch.int64).pin_memory())
+            self._checks[device] = bufs
+        return bufs
 
     def _solve_on_device(self, global_counts: torch.Tensor) -> "kernels.DeviceSplit":
         device = global_counts.device
@@ -423,40 +439,42 @@ class Planner:
         max_iters, tol = self._ipm_options
         return solver.solve(global_counts, self.solver, ipm_max_iters=max_iters, ipm_tol=tol)
 
-    def _read_pending(self, block: bool) -> None:
-        """Act on the checks of the last GPU :meth:`run` once their values have
-        reached the host (``block``: wait for them)."""
+    def _read_pending(self) -> None:
+        """Act on the checks of earlier GPU :meth:`run` calls if their totals have
+        reached the host (never waits)."""
         if self._pending is None:
             return
-        (invalid, status), event = self._pending
-        if not block and not event.query():
+        pinned, event = self._pending
+        if not event.query():
             return
-        event.synchronize()
         self._pending = None
-        n_bad = int(invalid[0])
+        self._act_on(pinned.tolist())
+
+    def _act_on(self, totals: list[int]) -> None:
+        n_bad, n_fallback = totals[0] - self._seen[0], totals[1] - self._seen[1]
+        self._seen = list(totals)
         if n_bad:
             raise LPLBInputError(
                 f"idx values must lie in [-1, {self.n_logical_routed_experts}) (-1 = dropped): {n_bad} entries of "
                 f"a previous Planner.run batch were outside that range and were mapped to -1"
             )
-        if not bool(status.all()) and self._warn_on_fallback:
-            _warn_fallback(self.solver, None, int((status == 0).sum()), int(status.numel()))
+        if n_fallback and self._warn_on_fallback:
+            _warn_fallback(self.solver, None, n_fallback, None)
 
     def check_last_run(self) -> "kernels.DeviceSplit | None":
-        """Wait for the last GPU :meth:`run` (eager or a CUDA-graph replay) and act on its
-        checks: raise :class:`LPLBInputError` if its ``idx`` had values outside
-        ``[-1, L)``, warn if a component's split was a fallback.  Returns that run's
-        :class:`~lplb_plugin.kernels.DeviceSplit` (``None`` before any GPU run).  One
-        host sync; :meth:`run` itself never syncs and reads these checks one call
-        later."""
-        if self._last_run is None:
+        """Wait for the GPU :meth:`run` calls so far (eager or CUDA-graph replays) and act
+        on the checks not yet acted on: raise :class:`LPLBInputError` if an ``idx`` had
+        values outside ``[-1, L)``, warn if a component's split was a fallback.  Returns
+        the last run's :class:`~lplb_plugin.kernels.DeviceSplit` (``None`` before any GPU
+        run).  One host sync; :meth:`run` itself never syncs and acts on these checks
+        as soon as they reach the host (at a later call)."""
+        if self._last_split is None:
             return None
-        invalid, split = self._last_run
-        torch.cuda.current_stream(invalid.device).synchronize()
-        self._pending = ((invalid.cpu(), split.status.cpu()), torch.cuda.Event())
-        self._pending[1].record()
-        self._read_pending(block=True)
-        return split
+        totals, _ = self._check_buffers(self._last_device)
+        torch.cuda.current_stream(self._last_device).synchronize()
+        self._pending = None
+        self._act_on(totals.tolist())
+        return self._last_split
 
     # ------------------------------------------------------------------ upstream r2o stages
     def solve_probs(self, workload: torch.Tensor, avail_counter: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -623,9 +641,10 @@ def _warn_fallback(method: str, split, n_fallback: int | None = None, n_comp: in
     if split is not None:
         status = split.status.cpu()
         n_fallback, n_comp = int((status == 0).sum()), int(status.numel())
+    where = f"in {n_fallback} of {n_comp} connected components" if n_comp else f"in {n_fallback} component solves"
     logging.getLogger("lplb_plugin").warning(
-        "lplb: %s split not %s in %d of %d connected components; used the best valid split found",
-        method, "proven optimal" if method == "exact" else "converged", n_fallback, n_comp,
+        "lplb: %s split not %s %s; used the best valid split found",
+        method, "proven optimal" if method == "exact" else "converged", where,
     )
 
 

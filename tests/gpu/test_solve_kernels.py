@@ -192,3 +192,22 @@ def test_fallback_warns_one_call_later(caplog):
         planner.run(idx)
         planner.check_last_run()
     assert any("not proven optimal" in r.message for r in caplog.records)
+
+
+@pytest.mark.parametrize("solver", ["exact", "ipm"])
+def test_run_never_synchronises(solver):
+    """CUDA's sync debug mode turns any host synchronisation inside run() (an .item(),
+    a blocking copy, a nonzero) into an error."""
+    planner = Planner(topology.cube(), 320, 256, ep_size=32, solver=solver)
+    idx = _idx(torch.Generator().manual_seed(6), 4096).cuda()
+    counter = torch.zeros((), dtype=torch.int32, device="cuda")
+    planner.run(idx, counter)  # first call: builds the device tables (host copies)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            out = planner.run(idx, counter)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    assert out.shape == idx.shape and int(counter) == 4 * planner.n_group
