@@ -52,7 +52,8 @@ def check_megatron_settings(config) -> None:
             dispatcher), an unknown dispatcher, group-limited routing (its groups are
             logical experts on the plain layout, not the physical one), router padding
             for quantization (changes the number of slots per token), or CUDA graphs
-            that capture the router (the per-batch solve runs on the host).
+            that capture the router (the adapter reads each batch's split back to the
+            host for its balance statistics, which a graph cannot replay).
     """
     problems = []
     if config.moe_expert_capacity_factor is not None:
