@@ -34,17 +34,9 @@ struct Team {
   double* red;
 };
 
-struct Sum {
-  LPLB_HD double operator()(double a, double b) const { return a + b; }
-  LPLB_HD static double identity() { return 0.0; }
-};
 struct Max {
   LPLB_HD double operator()(double a, double b) const { return a > b ? a : b; }
   LPLB_HD static double identity() { return -HUGE_VAL; }
-};
-struct Min {
-  LPLB_HD double operator()(double a, double b) const { return a < b ? a : b; }
-  LPLB_HD static double identity() { return HUGE_VAL; }
 };
 
 // f(i) for i in [0, n), all threads of the block, then a barrier.
@@ -178,70 +170,6 @@ LPLB_PRAGMA(unroll 1)
   (void)t;
   for (int i = 0; i < n; ++i) f(i, acc);
   for (int k = 0; k < N; ++k) out[k] = acc[k];
-#endif
-}
-
-// In-place Cholesky solve of the SPD system A x = b (A: n x n, row-major with leading
-// dimension lda; its lower triangle is overwritten by the factor, b by x).  Right-
-// looking, one column per step; warp 0 alone does it for n <= 64 (its barriers are
-// __syncwarp), the whole block beyond.  A pivot <= 0 (A not numerically SPD) is
-// replaced by 1e-300 and counted in the return value (the same on every thread), so
-// the caller can reject the direction instead of reading NaNs.  Uses t.red[64].
-LPLB_HD int cholesky_solve(const Team& t, double* A, int n, int lda, double* b) {
-  const bool small = n <= 64;
-#if defined(__CUDA_ARCH__)
-  if (!small || threadIdx.x < 32) {
-#endif
-    int bad = 0;
-    auto loop = [&](int m, auto&& f) {
-      if (small) wfor(t, m, f);
-      else pfor(t, m, f);
-    };
-    for (int k = 0; k < n; ++k) {
-      double piv = A[k * lda + k];
-      if (!(piv > 0.0)) {
-        ++bad;
-        piv = 1e-300;
-      }
-      const double d = sqrt(piv);
-      // column k below the diagonal, and b[k] (forward substitution fused in)
-      loop(n - k, [&](int j) {
-        if (j == 0) b[k] = b[k] / d;
-        else A[(k + j) * lda + k] /= d;
-      });
-      // trailing update of the lower triangle, of b, and the diagonal entry k
-      const int m = n - k - 1;
-      const int tri = m * (m + 1) / 2;
-      loop(tri + m + 1, [&](int q) {
-        if (q == tri + m) {
-          A[k * lda + k] = d;
-        } else if (q >= tri) {
-          const int i = k + 1 + (q - tri);
-          b[i] -= A[i * lda + k] * b[k];
-        } else {
-          // q -> (i, j), 0 <= j <= i < m
-          int i = static_cast<int>((sqrt(8.0 * q + 1.0) - 1.0) * 0.5);
-          while ((i + 1) * (i + 2) / 2 <= q) ++i;
-          while (i * (i + 1) / 2 > q) --i;
-          const int j = q - i * (i + 1) / 2;
-          A[(k + 1 + i) * lda + (k + 1 + j)] -= A[(k + 1 + i) * lda + k] * A[(k + 1 + j) * lda + k];
-        }
-      });
-    }
-    // back substitution with L^T; b[k] is divided by the pivot only at the end, so no
-    // step writes what another lane of the same step may still be reading
-    for (int k = n - 1; k >= 0; --k) {
-      const double xk = b[k] / A[k * lda + k];
-      loop(k, [&](int i) { b[i] -= A[k * lda + i] * xk; });
-    }
-    loop(n, [&](int i) { b[i] = b[i] / A[i * lda + i]; });
-#if defined(__CUDA_ARCH__)
-    if (threadIdx.x == 0) t.red[64] = bad;
-  }
-  __syncthreads();
-  return static_cast<int>(t.red[64]);
-#else
-  return bad;
 #endif
 }
 

@@ -22,10 +22,10 @@ constexpr double kCertRtol = 1e-10;
 // float64 scratch of one block.  Sizes: R ranks, M experts, E edges of the component.
 struct Work {
   // [R]
-  double *fixed, *load, *cap, *beta, *beta_t, *g_b, *d_b, *d_beta, *gain;
+  double *fixed, *load, *cap, *beta, *g_b, *d_b, *d_beta, *gain;
   int *pos, *active, *sticky, *was_released;
   // [M]
-  double *demand, *alpha, *alpha_t, *g_a, *d_a, *d_alpha;
+  double *demand, *alpha, *g_a, *d_a, *d_alpha;
   int* inside_at;
   // [E]
   double *x0, *y, *z, *best, *flow;
@@ -34,36 +34,30 @@ struct Work {
   int* tri;
 
   // Carve the arrays out of one buffer (doubles first, then ints); returns bytes used.
-  // Call with base == nullptr to size it.
+  // Call with w == nullptr (and base == nullptr) to size it.
   LPLB_HD static size_t layout(Work* w, char* base, int R, int M, int E, bool schur_inside) {
+    Work sizing;
+    Work& o = w ? *w : sizing;
     size_t off = 0;
-    auto dbl = [&](double** p, size_t n) {
-      if (w) *p = reinterpret_cast<double*>(base + off);
+    auto dbl = [&](double*& p, size_t n) {
+      p = base ? reinterpret_cast<double*>(base + off) : nullptr;
       off += n * sizeof(double);
     };
-    auto itg = [&](int** p, size_t n) {
-      if (w) *p = reinterpret_cast<int*>(base + off);
+    auto itg = [&](int*& p, size_t n) {
+      p = base ? reinterpret_cast<int*>(base + off) : nullptr;
       off += ((n * sizeof(int) + 7) / 8) * 8;
     };
-    double* dummy = nullptr;
-    int* idummy = nullptr;
-    double** D[] = {w ? &w->fixed : &dummy, w ? &w->load : &dummy, w ? &w->cap : &dummy, w ? &w->beta : &dummy,
-                    w ? &w->beta_t : &dummy, w ? &w->g_b : &dummy, w ? &w->d_b : &dummy,
-                    w ? &w->d_beta : &dummy, w ? &w->gain : &dummy};
-    for (double** p : D) dbl(p, R);
-    double** DM[] = {w ? &w->demand : &dummy, w ? &w->alpha : &dummy, w ? &w->alpha_t : &dummy,
-                     w ? &w->g_a : &dummy, w ? &w->d_a : &dummy, w ? &w->d_alpha : &dummy};
-    for (double** p : DM) dbl(p, M);
-    double** DE[] = {w ? &w->x0 : &dummy, w ? &w->y : &dummy, w ? &w->z : &dummy, w ? &w->best : &dummy,
-                     w ? &w->flow : &dummy};
-    for (double** p : DE) dbl(p, E);
-    if (schur_inside) dbl(w ? &w->schur : &dummy, static_cast<size_t>(R) * R);
-    if (w) w->tri = nullptr;
-    if (schur_inside) itg(w ? &w->tri : &idummy, static_cast<size_t>(R) * (R + 1) / 2);
-    int** I[] = {w ? &w->pos : &idummy, w ? &w->active : &idummy, w ? &w->sticky : &idummy,
-                 w ? &w->was_released : &idummy};
-    for (int** p : I) itg(p, R);
-    itg(w ? &w->inside_at : &idummy, M);
+    for (double** p : {&o.fixed, &o.load, &o.cap, &o.beta, &o.g_b, &o.d_b, &o.d_beta, &o.gain}) dbl(*p, R);
+    for (double** p : {&o.demand, &o.alpha, &o.g_a, &o.d_a, &o.d_alpha}) dbl(*p, M);
+    for (double** p : {&o.x0, &o.y, &o.z, &o.best, &o.flow}) dbl(*p, E);
+    o.schur = nullptr;
+    o.tri = nullptr;
+    if (schur_inside) {
+      dbl(o.schur, static_cast<size_t>(R) * R);
+      itg(o.tri, static_cast<size_t>(R) * (R + 1) / 2);
+    }
+    for (int** p : {&o.pos, &o.active, &o.sticky, &o.was_released}) itg(*p, R);
+    itg(o.inside_at, M);
     return off;
   }
 };
