@@ -96,11 +96,9 @@ class ComponentArrays:
             exps = np.flatnonzero(exp_comp == c)  # movable indices, ascending logical id
             edges = np.flatnonzero(np.isin(edge_expert, exps)) if exps.size else np.zeros(0, np.int64)
             local_exp = {int(m): i for i, m in enumerate(exps)}
-            ptr = [0]
-            for m in exps:
-                ptr.append(ptr[-1] + int((edge_expert == m).sum()))
+            degree = np.diff(graph.expert_edge_ptr.numpy())[exps]
             exp_log.extend(movable[exps].tolist())
-            exp_ptr.extend(ptr)
+            exp_ptr.extend(np.concatenate([[0], np.cumsum(degree)]).tolist())
             lr = np.array([local_rank[int(r)] for r in edge_rank_g[edges]], dtype=np.int64)
             e_rank.extend(lr.tolist())
             e_exp.extend(local_exp[int(m)] for m in edge_expert[edges])

@@ -209,7 +209,6 @@ class Planner:
         self._pending = None  # (pinned totals, event)
         self._seen = [0, 0]
         self._last_split = None  # DeviceSplit of the last GPU run
-        self._last_device = None
         # what every EP rank must agree on before counts are summed
         fingerprint = config_fingerprint(
             n_logical=placement.n_logical, n_physical=placement.n_physical, ep_size=placement.n_ranks,
@@ -415,7 +414,7 @@ class Planner:
         totals, pinned = self._check_buffers(idx.device)
         totals[0] += invalid[0]
         totals[1] += (split.status == 0).sum()
-        self._last_split, self._last_device = split, idx.device
+        self._last_split = split
         if not capturing:  # (a graph's replays are read by check_last_run)
             pinned.copy_(totals, non_blocking=True)
             event = torch.cuda.Event()
@@ -470,8 +469,9 @@ class Planner:
         as soon as they reach the host (at a later call)."""
         if self._last_split is None:
             return None
-        totals, _ = self._check_buffers(self._last_device)
-        torch.cuda.current_stream(self._last_device).synchronize()
+        device = self._last_split.status.device
+        totals, _ = self._check_buffers(device)
+        torch.cuda.current_stream(device).synchronize()
         self._pending = None
         self._act_on(totals.tolist())
         return self._last_split
