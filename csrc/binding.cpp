@@ -18,9 +18,19 @@ void check_idx(const torch::Tensor& idx) {
               "idx must be int32 or int64, got ", idx.scalar_type());
 }
 
+// A running total the kernels add to (int64 [>= slot + 1] on `device`), or null.
+int64_t* total_ptr(const c10::optional<torch::Tensor>& totals, int64_t slot, const torch::Device& device) {
+  if (!totals.has_value()) return nullptr;
+  const auto& t = *totals;
+  TORCH_CHECK(t.device() == device && t.scalar_type() == torch::kInt64 && t.is_contiguous() && t.numel() > slot,
+              "totals must be a contiguous int64 tensor of at least ", slot + 1, " entries on ", device);
+  return t.data_ptr<int64_t>() + slot;
+}
+
 // (counts int32 [L], prefix int32 [n_chunks, L], invalid int32 [1]: ids that are neither
-// -1 nor in [0, L))
-std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> count(torch::Tensor idx, int64_t n_logical, int64_t n_chunks) {
+// -1 nor in [0, L)); invalid is also added to totals[0] when totals is given.
+std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> count(torch::Tensor idx, int64_t n_logical, int64_t n_chunks,
+                                                              c10::optional<torch::Tensor> totals) {
   check_idx(idx);
   TORCH_CHECK(n_logical >= 1 && n_chunks >= 1, "n_logical and n_chunks must be >= 1");
   auto flat = idx.contiguous().view(-1);
@@ -28,10 +38,12 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> count(torch::Tensor idx,
   auto prefix = torch::empty({n_chunks, n_logical}, opts);
   auto counts = torch::empty({n_logical}, opts);
   auto invalid = torch::empty({1}, opts);
+  auto chunk_invalid = torch::empty({n_chunks}, opts);
+  int64_t* total = total_ptr(totals, 0, idx.device());
   const c10::cuda::CUDAGuard guard(idx.device());
   check(lplb::count_tokens(flat.data_ptr(), idx.scalar_type() == torch::kInt64, flat.numel(), n_logical, n_chunks,
-                           prefix.data_ptr<int32_t>(), counts.data_ptr<int32_t>(), invalid.data_ptr<int32_t>(),
-                           c10::cuda::getCurrentCUDAStream()),
+                           prefix.data_ptr<int32_t>(), counts.data_ptr<int32_t>(), chunk_invalid.data_ptr<int32_t>(),
+                           invalid.data_ptr<int32_t>(), total, c10::cuda::getCurrentCUDAStream()),
         "count");
   return {counts, prefix, invalid};
 }
@@ -43,16 +55,18 @@ const int* int_ptr(const torch::Tensor& t, const char* name) {
 }
 
 // Solve stage.  arrays: the 15 int32 tensors of ComponentArrays.tensors(); sizes:
-// (n_comp, max_ranks, max_experts, max_edges); graph: (slot_edge int32 [P], edge_mult
+// (n_comp, max_ranks, max_experts, max_edges, two_copy: 1 to allow the one-warp
+// two-copy exact solver); graph: (slot_edge int32 [P], edge_mult
 // int32 [E], slot_share int32 [P], log2phy int64 [L, C], logcnt int64 [L]).
 // Returns (edge_flow f64 [E], rank_load f64 [R], status i32 [n_comp], bound f64
 // [n_comp], iters i32 [n_comp, 2], x f64 [P], cum f64 [L, C]), all on loads' device.
+// When totals is given, the number of components with status 0 is added to totals[1].
 std::vector<torch::Tensor> solve(std::vector<torch::Tensor> arrays, std::vector<int64_t> sizes,
                                  std::vector<torch::Tensor> graph, torch::Tensor loads, int64_t n_ranks,
                                  int64_t method, double lipschitz, int64_t max_rounds, int64_t ipm_max_iters,
-                                 double ipm_tol) {
+                                 double ipm_tol, c10::optional<torch::Tensor> totals) {
   TORCH_CHECK(arrays.size() == 15, "solve: expected the 15 ComponentArrays tensors, got ", arrays.size());
-  TORCH_CHECK(sizes.size() == 4, "solve: sizes must be (n_comp, max_ranks, max_experts, max_edges)");
+  TORCH_CHECK(sizes.size() == 5, "solve: sizes must be (n_comp, max_ranks, max_experts, max_edges, two_copy)");
   TORCH_CHECK(graph.size() == 5, "solve: graph must be (slot_edge, edge_mult, slot_share, log2phy, logcnt)");
   TORCH_CHECK(loads.is_cuda() && (loads.scalar_type() == torch::kInt32 || loads.scalar_type() == torch::kFloat64),
               "loads must be a CUDA int32 or float64 tensor, got ", loads.scalar_type());
@@ -84,7 +98,8 @@ std::vector<torch::Tensor> solve(std::vector<torch::Tensor> arrays, std::vector<
   auto iters = torch::empty({n_comp, 2}, i32);
   auto x = torch::empty({n_phys}, f64);
   auto cum = torch::empty({log2phy.size(0), log2phy.size(1)}, f64);
-  lplb::SolveSizes sz{static_cast<int>(sizes[1]), static_cast<int>(sizes[2]), static_cast<int>(sizes[3])};
+  lplb::SolveSizes sz{static_cast<int>(sizes[1]), static_cast<int>(sizes[2]), static_cast<int>(sizes[3]),
+                      sizes[4] != 0};
   torch::Tensor schur;
   if (!lplb::solve_schur_in_smem(sz)) schur = torch::empty({n_comp * sz.max_ranks * sz.max_ranks}, f64);
   lplb::SolveOut out{edge_flow.data_ptr<double>(), rank_load.data_ptr<double>(), status.data_ptr<int32_t>(),
@@ -98,7 +113,9 @@ std::vector<torch::Tensor> solve(std::vector<torch::Tensor> arrays, std::vector<
   check(lplb::slot_split(static_cast<int>(log2phy.size(0)), static_cast<int>(log2phy.size(1)), ld.data_ptr(), is_int,
                          log2phy.data_ptr<int64_t>(), logcnt.data_ptr<int64_t>(), int_ptr(graph[0], "slot_edge"),
                          int_ptr(graph[1], "edge_mult"), int_ptr(graph[2], "slot_share"),
-                         edge_flow.data_ptr<double>(), x.data_ptr<double>(), cum.data_ptr<double>(), stream),
+                         edge_flow.data_ptr<double>(), x.data_ptr<double>(), cum.data_ptr<double>(),
+                         status.data_ptr<int32_t>(), static_cast<int>(n_comp), total_ptr(totals, 1, ld.device()),
+                         stream),
         "slot_split");
   return {edge_flow, rank_load, status, bound, iters, x, cum};
 }
@@ -135,11 +152,11 @@ torch::Tensor map(torch::Tensor idx, torch::Tensor prefix, torch::Tensor counts,
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "lplb_plugin CUDA kernels: count, solve and map stages of the Planner";
   m.def("count", &count, "per-expert counts, per-chunk inclusive prefix sums and the number of invalid ids",
-        py::arg("idx"), py::arg("n_logical"), py::arg("n_chunks"));
+        py::arg("idx"), py::arg("n_logical"), py::arg("n_chunks"), py::arg("totals") = py::none());
   m.def("solve", &solve, "split LP, one block per connected component, then the per-slot split and copy shares",
         py::arg("arrays"), py::arg("sizes"), py::arg("graph"), py::arg("loads"), py::arg("n_ranks"),
         py::arg("method"), py::arg("lipschitz"), py::arg("max_rounds"), py::arg("ipm_max_iters"),
-        py::arg("ipm_tol"));
+        py::arg("ipm_tol"), py::arg("totals") = py::none());
   m.def("map", &map, "logical -> physical rewrite from the chunk prefix sums and the split", py::arg("idx"),
         py::arg("prefix"), py::arg("counts"), py::arg("cum_frac"), py::arg("log2phy"));
 }

@@ -1,11 +1,11 @@
 // Count and map kernels; see lplb_kernels.h for the contract.
 //
-// Determinism: a chunk is one thread block.  Within a block, entries are taken in
-// tiles of blockDim.x consecutive entries; inside a warp, __match_any_sync groups the
-// lanes holding the same expert and a popc of the lower lanes ranks them; warps then
-// take their turn in order, reading and advancing a shared running count per expert.
-// So every entry's sequence number is its position among same-expert entries in
-// flattened order, exactly as the torch reference's stable sort defines it.
+// Determinism: a chunk is one thread block, and each warp of the block one contiguous
+// part of the chunk.  An entry's sequence number is the chunk prefix of earlier chunks,
+// plus the counts of earlier warps' parts, plus its rank among same-expert entries
+// earlier in its own part (32 at a time: __match_any_sync and a popc of the lower
+// lanes).  So it is its position among same-expert entries in flattened order, exactly
+// as the torch reference's stable sort defines it; no atomic decides an order.
 #include "lplb_kernels.h"
 
 namespace lplb {
@@ -23,29 +23,51 @@ __device__ __forceinline__ int64_t chunk_begin(int64_t c, int64_t n, int64_t n_c
   return (c * n + n_chunks - 1) / n_chunks;
 }
 
-// One block per chunk: histogram of the chunk into prefix[c, :] (not yet summed).
+// One block per chunk: histogram of the chunk into prefix[c, :] (not yet summed) and
+// its number of invalid ids into chunk_invalid[c] (summed by scan_kernel: no memset).
 __global__ void histogram_kernel(const void* idx, bool is64, int64_t n, int64_t n_logical, int64_t n_chunks,
-                                 int32_t* prefix, int32_t* invalid) {
+                                 int32_t* prefix, int32_t* chunk_invalid) {
   extern __shared__ int32_t hist[];
+  __shared__ int32_t bad;
   const int64_t c = blockIdx.x;
   for (int64_t e = threadIdx.x; e < n_logical; e += blockDim.x) hist[e] = 0;
+  if (threadIdx.x == 0) bad = 0;
   __syncthreads();
   const int64_t lo = chunk_begin(c, n, n_chunks), hi = chunk_begin(c + 1, n, n_chunks);
+  int32_t my_bad = 0;
   for (int64_t i = lo + threadIdx.x; i < hi; i += blockDim.x) {
     const int64_t e = load_id(idx, is64, i);
     if (e >= 0 && e < n_logical) atomicAdd(&hist[e], 1);  // integer sums: order-free
-    else if (e != -1 && invalid != nullptr) atomicAdd(invalid, 1);
+    else if (e != -1) ++my_bad;
+  }
+  if (__any_sync(0xffffffffu, my_bad != 0)) {
+    for (int off = 16; off > 0; off >>= 1) my_bad += __shfl_down_sync(0xffffffffu, my_bad, off);
+    if ((threadIdx.x & 31) == 0) atomicAdd(&bad, my_bad);
   }
   __syncthreads();
   for (int64_t e = threadIdx.x; e < n_logical; e += blockDim.x) prefix[c * n_logical + e] = hist[e];
+  if (threadIdx.x == 0) chunk_invalid[c] = bad;
 }
 
 // Inclusive scan over chunks: one warp per expert, 32 chunks at a time (a serial loop
-// per expert would be latency-bound: ~130 dependent loads).
-__global__ void scan_kernel(int64_t n_logical, int64_t n_chunks, int32_t* prefix, int32_t* counts) {
+// per expert would be latency-bound: ~130 dependent loads).  The warp after the last
+// expert's sums the chunks' invalid ids into *invalid (and adds them to *total_invalid
+// when given: a running count callers read later without a sync).
+__global__ void scan_kernel(int64_t n_logical, int64_t n_chunks, int32_t* prefix, int32_t* counts,
+                            const int32_t* chunk_invalid, int32_t* invalid, int64_t* total_invalid) {
   const int64_t e = (blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x) >> 5;
   const int lane = threadIdx.x & 31;
-  if (e >= n_logical) return;  // whole warps leave together (e is per warp)
+  if (e > n_logical) return;  // whole warps leave together (e is per warp)
+  if (e == n_logical) {
+    int32_t s = 0;
+    for (int64_t c = lane; c < n_chunks; c += 32) s += chunk_invalid[c];
+    for (int off = 16; off > 0; off >>= 1) s += __shfl_down_sync(0xffffffffu, s, off);
+    if (lane == 0) {
+      *invalid = s;
+      if (total_invalid != nullptr) *total_invalid += s;
+    }
+    return;
+  }
   int32_t carry = 0;
   for (int64_t base = 0; base < n_chunks; base += 32) {
     const int64_t c = base + lane;
@@ -61,47 +83,76 @@ __global__ void scan_kernel(int64_t n_logical, int64_t n_chunks, int32_t* prefix
   if (lane == 0) counts[e] = carry;
 }
 
-__global__ void map_kernel(const void* idx, bool is64, int64_t n, int64_t n_logical, int64_t n_chunks,
-                           const int32_t* prefix, const int32_t* counts, const double* cum_frac,
-                           const int64_t* log2phy, int64_t max_copies, void* out) {
-  extern __shared__ int32_t running[];  // entries of each expert seen so far in this chunk's order
+// One block per chunk, one contiguous part of the chunk per warp (in warp order), so
+// that no warp waits for another while it ranks its entries:
+//   1. each warp counts its part per expert (hist[w, e]);
+//   2. one thread per expert turns the chunk's prefix and those counts into each
+//      warp's starting sequence number;
+//   3. each warp walks its part again, 32 entries at a time: __match_any_sync groups
+//      the lanes of one expert, a popc of the lower lanes ranks them.
+// The copy boundaries B[e, k] are computed once per block into shared memory.
+__global__ void __launch_bounds__(kThreads) map_kernel(const void* idx, bool is64, int64_t n, int64_t n_logical,
+                                                        int64_t n_chunks, const int32_t* prefix, const int32_t* counts,
+                                                        const double* cum_frac, const int64_t* log2phy,
+                                                        int64_t max_copies, void* out) {
+  extern __shared__ int32_t smem_i[];
+  int32_t* hist = smem_i;                      // [kWarps, n_logical]
+  int32_t* bnd = smem_i + kWarps * n_logical;  // [n_logical, max_copies]
   const int64_t c = blockIdx.x;
-  for (int64_t e = threadIdx.x; e < n_logical; e += blockDim.x)
-    running[e] = c == 0 ? 0 : prefix[(c - 1) * n_logical + e];
+  for (int64_t q = threadIdx.x; q < kWarps * n_logical; q += blockDim.x) hist[q] = 0;
+  for (int64_t e = threadIdx.x; e < n_logical; e += blockDim.x) {
+    const int64_t cnt = counts[e];
+    int64_t prev = 0;
+    for (int64_t j = 0; j < max_copies; ++j) {
+      const int64_t slot = log2phy[e * max_copies + j];
+      const bool last = j + 1 == max_copies || log2phy[e * max_copies + j + 1] < 0 || slot < 0;
+      int64_t b = last ? cnt : static_cast<int64_t>(floor(static_cast<double>(cnt) * cum_frac[e * max_copies + j]));
+      b = b < 0 ? 0 : (b > cnt ? cnt : b);
+      b = b < prev ? prev : b;
+      prev = b;
+      bnd[e * max_copies + j] = static_cast<int32_t>(b);
+    }
+  }
   __syncthreads();
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const unsigned lower = (1u << lane) - 1u;
   const int64_t lo = chunk_begin(c, n, n_chunks), hi = chunk_begin(c + 1, n, n_chunks);
-  for (int64_t base = lo; base < hi; base += blockDim.x) {
-    const int64_t i = base + threadIdx.x;
-    const bool in = i < hi;
+  const int64_t wlo = lo + (hi - lo) * warp / kWarps, whi = lo + (hi - lo) * (warp + 1) / kWarps;
+  int32_t* mine = hist + warp * n_logical;
+  for (int64_t base = wlo; base < whi; base += 32) {
+    const int64_t i = base + lane;
+    const int64_t raw = i < whi ? load_id(idx, is64, i) : -1;
+    const bool valid = raw >= 0 && raw < n_logical;
+    const unsigned same = __match_any_sync(0xffffffffu, valid ? static_cast<int>(raw) : -1);
+    if (valid && (same & lower) == 0) mine[raw] += __popc(same);
+    __syncwarp();
+  }
+  __syncthreads();
+  for (int64_t e = threadIdx.x; e < n_logical; e += blockDim.x) {
+    int32_t run = c == 0 ? 0 : prefix[(c - 1) * n_logical + e];
+    for (int w = 0; w < kWarps; ++w) {
+      const int32_t t = hist[w * n_logical + e];
+      hist[w * n_logical + e] = run;
+      run += t;
+    }
+  }
+  __syncthreads();
+  for (int64_t base = wlo; base < whi; base += 32) {
+    const int64_t i = base + lane;
+    const bool in = i < whi;
     const int64_t raw = in ? load_id(idx, is64, i) : -1;
     const bool valid = raw >= 0 && raw < n_logical;
-    const int key = valid ? static_cast<int>(raw) : -1 - (in ? 0 : 1);  // -1 dropped, -2 padding
-    const unsigned same = __match_any_sync(0xffffffffu, key);
-    const int rank_in_warp = __popc(same & lower);
-    const bool leader = (same & lower) == 0;
+    const unsigned same = __match_any_sync(0xffffffffu, valid ? static_cast<int>(raw) : -1);
     int64_t result = -1;
-    for (int w = 0; w < kWarps; ++w) {
-      if (w == warp && valid) {
-        const int64_t seq = running[raw] + rank_in_warp;
-        const int64_t cnt = counts[raw];
-        int64_t k = 0, prev = 0;
-        for (int64_t j = 0; j < max_copies; ++j) {
-          const int64_t slot = log2phy[raw * max_copies + j];
-          const bool last = j + 1 == max_copies || log2phy[raw * max_copies + j + 1] < 0 || slot < 0;
-          int64_t b = last ? cnt : static_cast<int64_t>(floor(static_cast<double>(cnt) * cum_frac[raw * max_copies + j]));
-          b = b < 0 ? 0 : (b > cnt ? cnt : b);
-          b = b < prev ? prev : b;
-          prev = b;
-          k += b <= seq ? 1 : 0;
-        }
-        result = log2phy[raw * max_copies + (k < max_copies ? k : max_copies - 1)];
-      }
-      __syncthreads();
-      if (w == warp && valid && leader) running[raw] += __popc(same);
-      __syncthreads();
+    if (valid) {
+      const int32_t seq = mine[raw] + __popc(same & lower);
+      int64_t k = 0;
+      for (int64_t j = 0; j < max_copies; ++j) k += bnd[raw * max_copies + j] <= seq ? 1 : 0;
+      result = log2phy[raw * max_copies + (k < max_copies ? k : max_copies - 1)];
     }
+    __syncwarp();
+    if (valid && (same & lower) == 0) mine[raw] += __popc(same);
+    __syncwarp();
     if (in) {
       if (is64) static_cast<int64_t*>(out)[i] = result;
       else static_cast<int32_t*>(out)[i] = static_cast<int32_t>(result);
@@ -119,16 +170,18 @@ cudaError_t allow_smem(Kernel kernel, size_t smem) {
 }  // namespace
 
 cudaError_t count_tokens(const void* idx, bool idx_is_64, int64_t n, int64_t n_logical, int64_t n_chunks,
-                         int32_t* prefix, int32_t* counts, int32_t* invalid, cudaStream_t stream) {
+                         int32_t* prefix, int32_t* counts, int32_t* chunk_invalid, int32_t* invalid,
+                         int64_t* total_invalid, cudaStream_t stream) {
   if (n_chunks < 1 || n_logical < 1) return cudaErrorInvalidValue;
-  if (invalid != nullptr)
-    if (cudaError_t err = cudaMemsetAsync(invalid, 0, sizeof(int32_t), stream); err != cudaSuccess) return err;
   const size_t smem = static_cast<size_t>(n_logical) * sizeof(int32_t);
   if (cudaError_t err = allow_smem(histogram_kernel, smem); err != cudaSuccess) return err;
-  histogram_kernel<<<static_cast<unsigned>(n_chunks), kThreads, smem, stream>>>(idx, idx_is_64, n, n_logical, n_chunks, prefix, invalid);
+  histogram_kernel<<<static_cast<unsigned>(n_chunks), kThreads, smem, stream>>>(idx, idx_is_64, n, n_logical, n_chunks,
+                                                                                prefix, chunk_invalid);
+  // one warp per expert, and one more for the invalid ids
   const int64_t warps_per_block = kThreads / 32;
-  const unsigned blocks = static_cast<unsigned>((n_logical + warps_per_block - 1) / warps_per_block);
-  scan_kernel<<<blocks, kThreads, 0, stream>>>(n_logical, n_chunks, prefix, counts);
+  const unsigned blocks = static_cast<unsigned>((n_logical + 1 + warps_per_block - 1) / warps_per_block);
+  scan_kernel<<<blocks, kThreads, 0, stream>>>(n_logical, n_chunks, prefix, counts, chunk_invalid, invalid,
+                                               total_invalid);
   return cudaGetLastError();
 }
 
@@ -137,7 +190,7 @@ cudaError_t map_tokens(const void* idx, bool idx_is_64, int64_t n, int64_t n_log
                        const int64_t* log2phy, int64_t max_copies, void* out, cudaStream_t stream) {
   if (n_chunks < 1 || n_logical < 1 || max_copies < 1) return cudaErrorInvalidValue;
   if (n == 0) return cudaSuccess;
-  const size_t smem = static_cast<size_t>(n_logical) * sizeof(int32_t);
+  const size_t smem = static_cast<size_t>(n_logical) * (kWarps + max_copies) * sizeof(int32_t);
   if (cudaError_t err = allow_smem(map_kernel, smem); err != cudaSuccess) return err;
   map_kernel<<<static_cast<unsigned>(n_chunks), kThreads, smem, stream>>>(
       idx, idx_is_64, n, n_logical, n_chunks, prefix, counts, cum_frac, log2phy, max_copies, out);

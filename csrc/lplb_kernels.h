@@ -13,12 +13,14 @@ namespace lplb {
 // Per-chunk histograms of idx (entry i of n belongs to chunk i * n_chunks / n; ids
 // outside [0, n_logical), e.g. -1, are skipped), turned into inclusive prefix sums over
 // chunks: prefix[c * n_logical + e] = entries of e in chunks 0..c.  counts = prefix of
-// the last chunk.  idx is int32 (idx_is_64 = false) or int64.  If invalid is not null,
-// *invalid = number of entries that are neither -1 nor in [0, n_logical) (so callers can
-// validate ids without a host sync).  No host sync.
+// the last chunk.  idx is int32 (idx_is_64 = false) or int64.  *invalid = number of
+// entries that are neither -1 nor in [0, n_logical) (so callers can validate ids
+// without a host sync); chunk_invalid [n_chunks] is scratch for it.  If total_invalid
+// is not null, the same number is added to it (a running count).  Two kernels, no
+// memset, no host sync.
 cudaError_t count_tokens(const void* idx, bool idx_is_64, int64_t n, int64_t n_logical,
-                         int64_t n_chunks, int32_t* prefix, int32_t* counts, int32_t* invalid,
-                         cudaStream_t stream);
+                         int64_t n_chunks, int32_t* prefix, int32_t* counts, int32_t* chunk_invalid,
+                         int32_t* invalid, int64_t* total_invalid, cudaStream_t stream);
 
 // Logical -> physical rewrite.  For entry i with e = idx[i] in [0, n_logical):
 //   seq  = entries of e before i (flattened order), from the chunk prefix sums;

@@ -6,6 +6,7 @@
 #include "lplb_solve.h"
 #include "solve_exact.cuh"
 #include "solve_ipm.cuh"
+#include "solve_pair.cuh"
 
 namespace lplb {
 namespace {
@@ -37,6 +38,24 @@ __global__ void __launch_bounds__(kSolveThreads) exact_kernel(CompArrays a, cons
   write_out(team, v, c, w.flow, w.load, r.certified, r.bound, r.rounds, r.newton_iters, out);
 }
 
+// One warp per component, every component small and two-copy (solve_pair.cuh); J
+// experts per lane.
+template <int J, typename T>
+__global__ void __launch_bounds__(32) pair_kernel(CompArrays a, const T* loads, double lipschitz, int max_rounds,
+                                                  SolveOut out, size_t work_bytes) {
+  extern __shared__ double smem[];
+  const int c = blockIdx.x;
+  blk::Team team{smem};
+  const View g = View::of(a, c);
+  const View v = g.stage(team, reinterpret_cast<int*>(reinterpret_cast<char*>(smem + kRedDoubles) + work_bytes));
+  exact::Work w;
+  exact::Work::layout(&w, reinterpret_cast<char*>(smem + kRedDoubles), v.R, v.M, v.E, true);
+#if defined(__CUDA_ARCH__)  // (pair::solve is device code only)
+  const exact::Result r = pair::solve<J>(v, loads, w, lipschitz, max_rounds);
+  write_out(team, v, c, w.flow, w.load, r.certified, r.bound, r.rounds, r.newton_iters, out);
+#endif
+}
+
 // kInside: the Schur matrix lives in shared memory (a compile-time choice, so that its
 // accesses compile to shared-memory instructions rather than generic ones).
 template <typename T, bool kInside>
@@ -63,8 +82,14 @@ size_t work_bytes(int method, const SolveSizes& sz, bool schur_inside) {
 template <typename T>
 __global__ void slots_kernel(int n_logical, int n_cols, const T* loads, const int64_t* log2phy, const int64_t* logcnt,
                              const int* slot_edge, const int* edge_mult, const int* slot_share,
-                             const double* edge_flow, double* x, double* cum) {
+                             const double* edge_flow, double* x, double* cum, const int* status, int n_comp,
+                             int64_t* total_fallback) {
   const int e = blockIdx.x * blockDim.x + threadIdx.x;
+  if (e == 0 && total_fallback != nullptr) {
+    int64_t bad = 0;
+    for (int c = 0; c < n_comp; ++c) bad += status[c] == 0 ? 1 : 0;
+    *total_fallback += bad;
+  }
   if (e >= n_logical) return;
   const int64_t cnt = logcnt[e];
   const double load = static_cast<double>(loads[e]);
@@ -110,6 +135,13 @@ cudaError_t launch(const CompArrays& a, const SolveSizes& sz, const T* loads, in
     auto kernel = inside ? ipm_kernel<T, true> : ipm_kernel<T, false>;
     if (cudaError_t err = allow_smem(kernel, smem); err != cudaSuccess) return err;
     kernel<<<a.n_comp, kIpmThreads, smem, stream>>>(a, loads, ipm_max_iters, ipm_tol, out, schur, stride);
+  } else if (sz.two_copy && sz.max_ranks <= pair::kMaxRanks && sz.max_experts <= pair::kMaxExperts) {
+    const size_t work = exact::Work::layout(nullptr, nullptr, sz.max_ranks, sz.max_experts, sz.max_edges, true);
+    const size_t staged = ((View::staged_ints(sz.max_ranks, sz.max_experts, sz.max_edges) * sizeof(int) + 7) / 8) * 8;
+    const size_t bytes = head + work + staged;
+    auto kernel = sz.max_experts <= 32 ? pair_kernel<1, T> : pair_kernel<2, T>;
+    if (cudaError_t err = allow_smem(kernel, bytes); err != cudaSuccess) return err;
+    kernel<<<a.n_comp, 32, bytes, stream>>>(a, loads, lipschitz, max_rounds, out, work);
   } else {
     // one warp per 32 of the largest component's edges / experts + ranks (at least one,
     // at most 8): small components get cheap barriers, large ones enough lanes
@@ -147,15 +179,18 @@ cudaError_t solve_split(const CompArrays& a, const SolveSizes& sz, const void* l
 
 cudaError_t slot_split(int n_logical, int n_cols, const void* loads, bool loads_int32, const int64_t* log2phy,
                        const int64_t* logcnt, const int* slot_edge, const int* edge_mult, const int* slot_share,
-                       const double* edge_flow, double* x, double* cum, cudaStream_t stream) {
+                       const double* edge_flow, double* x, double* cum, const int* status, int n_comp,
+                       int64_t* total_fallback, cudaStream_t stream) {
   if (n_logical == 0) return cudaSuccess;
   const int threads = 128, blocks = (n_logical + threads - 1) / threads;
   if (loads_int32)
     slots_kernel<<<blocks, threads, 0, stream>>>(n_logical, n_cols, static_cast<const int32_t*>(loads), log2phy,
-                                                 logcnt, slot_edge, edge_mult, slot_share, edge_flow, x, cum);
+                                                 logcnt, slot_edge, edge_mult, slot_share, edge_flow, x, cum,
+                                                 status, n_comp, total_fallback);
   else
     slots_kernel<<<blocks, threads, 0, stream>>>(n_logical, n_cols, static_cast<const double*>(loads), log2phy,
-                                                 logcnt, slot_edge, edge_mult, slot_share, edge_flow, x, cum);
+                                                 logcnt, slot_edge, edge_mult, slot_share, edge_flow, x, cum,
+                                                 status, n_comp, total_fallback);
   return cudaGetLastError();
 }
 

@@ -8,9 +8,12 @@
 
 namespace lplb {
 
-// Largest component of the graph (sizes the per-block scratch).
+// Largest component of the graph (sizes the per-block scratch); two_copy: every movable
+// expert has exactly two edges (then small components take the one-warp solver of
+// solve_pair.cuh for the exact method).
 struct SolveSizes {
   int max_ranks, max_experts, max_edges;
+  bool two_copy;
 };
 
 // Whether one block's scratch, the R x R Newton / Schur matrix included, fits in shared
@@ -27,8 +30,11 @@ cudaError_t solve_split(const CompArrays& a, const SolveSizes& sz, const void* l
                         int ipm_max_iters, double ipm_tol, cudaStream_t stream);
 
 // Per-slot split x [P] and cumulative copy shares cum [L, n_cols] from an edge flow.
+// If total_fallback is not null, the number of the n_comp components whose status is 0
+// is added to it (a running count).
 cudaError_t slot_split(int n_logical, int n_cols, const void* loads, bool loads_int32, const int64_t* log2phy,
                        const int64_t* logcnt, const int* slot_edge, const int* edge_mult, const int* slot_share,
-                       const double* edge_flow, double* x, double* cum, cudaStream_t stream);
+                       const double* edge_flow, double* x, double* cum, const int* status, int n_comp,
+                       int64_t* total_fallback, cudaStream_t stream);
 
 }  // namespace lplb

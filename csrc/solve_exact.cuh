@@ -27,9 +27,10 @@ struct Work {
   // [M]
   double *demand, *alpha, *g_a, *d_a, *d_alpha;
   int* inside_at;
-  // [E]
-  double *x0, *y, *z, *best, *flow;
-  // [R * R], leading dimension R, and the (i, j) table of its lower triangle (R(R+1)/2)
+  // [E]; wt: slot weight of the edges carrying flow at the current Newton point
+  double *x0, *y, *z, *best, *flow, *wt;
+  // [R * (R + 1)] (this kernel uses leading dimension R; solve_pair.cuh pads its rows
+  // to R + 1), and the (i, j) table of its lower triangle (R(R+1)/2)
   double* schur;
   int* tri;
 
@@ -49,11 +50,11 @@ struct Work {
     };
     for (double** p : {&o.fixed, &o.load, &o.cap, &o.beta, &o.g_b, &o.d_b, &o.d_beta, &o.gain}) dbl(*p, R);
     for (double** p : {&o.demand, &o.alpha, &o.g_a, &o.d_a, &o.d_alpha}) dbl(*p, M);
-    for (double** p : {&o.x0, &o.y, &o.z, &o.best, &o.flow}) dbl(*p, E);
+    for (double** p : {&o.x0, &o.y, &o.z, &o.best, &o.flow, &o.wt}) dbl(*p, E);
     o.schur = nullptr;
     o.tri = nullptr;
     if (schur_inside) {
-      dbl(o.schur, static_cast<size_t>(R) * R);
+      dbl(o.schur, static_cast<size_t>(R) * (R + 1));
       itg(o.tri, static_cast<size_t>(R) * (R + 1) / 2);
     }
     for (int** p : {&o.pos, &o.active, &o.sticky, &o.was_released}) itg(*p, R);
@@ -225,8 +226,15 @@ LPLB_HD bool project(const blk::Team& t, const View& v, const Work& w, double bo
   for (int outer = 0; outer < kOuterIters && !settled; ++outer) {
     blk::pfor(t, R, [&](int r) { if (!w.active[r]) w.beta[r] = 0.0; });
     bool converged = false;
-    for (int it = 0; it < kNewtonIters; ++it) {
-      // gradients, Hessian diagonals, dual value; acc = (max |g|, dual)
+    // The step is taken optimistically (full), and the next gradient pass, which
+    // evaluates the dual anyway, checks Armijo's condition: the same iterates as
+    // a line search that tries the full step first, one pass fewer per iteration.
+    bool pending = false;
+    double base = 0.0, slope = 0.0, step = 1.0;
+    int newton = 0, halvings = 0;
+    for (;;) {
+      // gradients, Hessian diagonals, dual value; acc = (max |g|, dual); the weights
+      // of the edges carrying flow are kept for the Newton system
       double ga[2];
       blk::reduce_n<2, 0x1u>(t, M + R, [&](int i, double* acc) {
         if (i < M) {
@@ -234,11 +242,11 @@ LPLB_HD bool project(const blk::Team& t, const View& v, const Work& w, double bo
           double f = 0.0, wsum = 0.0, sq = 0.0;
           for (int e = v.exp_ptr[i]; e < v.exp_ptr[i + 1]; ++e) {
             const double s = s_of(e, al, w.beta[v.edge_rank[e]]);
-            if (s > 0.0) {
-              f += v.edge_mult[e] * s;
-              wsum += v.edge_mult[e];
-              sq += v.edge_mult[e] * s * s;
-            }
+            const double m = s > 0.0 ? static_cast<double>(v.edge_mult[e]) : 0.0;
+            w.wt[e] = m;
+            f += m * s;
+            wsum += m;
+            sq += m * s * s;
           }
           const double g = w.demand[i] - f;
           w.g_a[i] = g;
@@ -270,11 +278,21 @@ LPLB_HD bool project(const blk::Team& t, const View& v, const Work& w, double bo
         converged = true;
         break;
       }
+      if (pending && halvings < 40 && !(ga[1] + const_term >= base + 1e-4 * step * slope)) {
+        // Armijo failed: halve the step (from base + step d to base + step/2 d)
+        step *= 0.5;
+        ++halvings;
+        blk::pfor(t, M + R, [&](int i) {
+          if (i < M) w.alpha[i] -= step * w.d_a[i];
+          else if (w.active[i - M]) w.beta[i - M] -= step * w.d_b[i - M];
+        });
+        continue;
+      }
+      pending = false;
+      if (newton == kNewtonIters) break;
+      ++newton;
       ++its;
-      const double base = ga[1] + const_term;
-      auto weight = [&](int e) {
-        return s_of(e, w.alpha[v.edge_exp[e]], w.beta[v.edge_rank[e]]) > 0.0 ? static_cast<double>(v.edge_mult[e]) : 0.0;
-      };
+      base = ga[1] + const_term;
       // Schur complement over ranks, one row per index (contributions in expert order,
       // as the reference's add.at), and its right-hand side in d_b
       blk::pfor(t, R, [&](int a) {
@@ -289,13 +307,13 @@ LPLB_HD bool project(const blk::Team& t, const View& v, const Work& w, double bo
         double s = 0.0;
         for (int q = v.rank_ptr[a]; q < v.rank_ptr[a + 1]; ++q) {
           const int e = v.rank_edges[q];
-          const double ce = weight(e);
+          const double ce = w.wt[e];
           if (ce == 0.0) continue;
           const int m = v.edge_exp[e];
           const double da = w.d_alpha[m];
           for (int f = v.exp_ptr[m]; f < v.exp_ptr[m + 1]; ++f) {
             const int b = v.edge_rank[f];
-            if (w.active[b]) row[b] -= (ce * weight(f)) / da;
+            if (w.active[b]) row[b] -= (ce * w.wt[f]) / da;
           }
           s += ce * (w.g_a[m] / da);
         }
@@ -304,68 +322,51 @@ LPLB_HD bool project(const blk::Team& t, const View& v, const Work& w, double bo
       blk::ldlt_factor(t, w.schur, R, R, w.tri);
       double unused[2];
       blk::ldlt_subst(t, w.schur, R, R, w.d_b, nullptr, unused);
-      // expert direction and the slope g . d
+      // expert direction and the slope g . d, and the full step taken
       double sl[1];
       blk::reduce_n<1, 0x0u>(t, M + R, [&](int i, double* acc) {
         if (i < M) {
           double s = 0.0;
           for (int e = v.exp_ptr[i]; e < v.exp_ptr[i + 1]; ++e) {
             const int r = v.edge_rank[e];
-            if (w.active[r]) s += weight(e) * w.d_b[r];
+            if (w.active[r]) s += w.wt[e] * w.d_b[r];
           }
           const double d = (w.g_a[i] - s) / w.d_alpha[i];
           w.d_a[i] = d;
+          w.alpha[i] += d;
           acc[0] += w.g_a[i] * d;
         } else {
           const int r = i - M;
-          acc[0] += w.active[r] ? w.g_b[r] * w.d_b[r] : 0.0;
+          if (w.active[r]) {
+            acc[0] += w.g_b[r] * w.d_b[r];
+            w.beta[r] += w.d_b[r];
+          }
         }
       }, sl);
-      const double slope = sl[0];
-      // Armijo backtracking on the concave dual along (d_a, d_b)
-      auto dual_at = [&](double st) {
-        double acc1[1];
-        blk::reduce_n<1, 0x0u>(t, M + R, [&](int i, double* acc) {
-          if (i < M) {
-            const double al = w.alpha[i] + st * w.d_a[i];
-            double sq = 0.0;
-            for (int e = v.exp_ptr[i]; e < v.exp_ptr[i + 1]; ++e) {
-              const int r = v.edge_rank[e];
-              const double be = w.beta[r] + (w.active[r] ? st * w.d_b[r] : 0.0);
-              const double s = s_of(e, al, be);
-              if (s > 0.0) sq += v.edge_mult[e] * s * s;
-            }
-            acc[0] += w.demand[i] * al - 0.5 * sq;
-          } else {
-            const int r = i - M;
-            acc[0] += w.active[r] ? w.cap[r] * (w.beta[r] + st * w.d_b[r]) : 0.0;
-          }
-        }, acc1);
-        return acc1[0] + const_term;
-      };
-      double step = 1.0;
-      bool accepted = false;
-      for (int ls = 0; ls < 40 && !accepted; ++ls) {
-        accepted = dual_at(step) >= base + 1e-4 * step * slope;
-        if (!accepted) step *= 0.5;
-      }
-      // (not accepted: the reference's last, tiny step 2^-40)
-      blk::pfor(t, M + R, [&](int i) {
-        if (i < M) w.alpha[i] += step * w.d_a[i];
-        else if (w.active[i - M]) w.beta[i - M] += step * w.d_b[i - M];
-      });
+      slope = sl[0];
+      step = 1.0;
+      halvings = 0;
+      pending = true;
     }
     if (!converged) return false;
-    blk::pfor(t, E, [&](int e) {
-      const double s = s_of(e, w.alpha[v.edge_exp[e]], w.beta[v.edge_rank[e]]);
-      w.flow[e] = v.edge_mult[e] * (s > 0.0 ? s : 0.0);
-    });
-    // loads; a bound that pulls load in is not binding, unless releasing it overshot
+    // flows, and loads; a bound that pulls load in is not binding, unless releasing it
+    // overshot
     double cnt[2];
-    blk::reduce_n<2, 0x0u>(t, R, [&](int r, double* acc) {
-      double s = 0.0;
-      for (int q = v.rank_ptr[r]; q < v.rank_ptr[r + 1]; ++q) s += w.flow[v.rank_edges[q]];
-      const double load = w.fixed[r] + s;
+    blk::reduce_n<2, 0x0u>(t, R + E, [&](int i, double* acc) {
+      if (i >= R) {
+        const int e = i - R;
+        const double s = s_of(e, w.alpha[v.edge_exp[e]], w.beta[v.edge_rank[e]]);
+        w.flow[e] = v.edge_mult[e] * (s > 0.0 ? s : 0.0);
+        return;
+      }
+      const int r = i;
+      double sum = 0.0;
+      for (int q = v.rank_ptr[r]; q < v.rank_ptr[r + 1]; ++q) {
+        const int e = v.rank_edges[q];
+        const double s = s_of(e, w.alpha[v.edge_exp[e]], w.beta[r]);
+        sum += v.edge_mult[e] * (s > 0.0 ? s : 0.0);
+      }
+      const double load = w.fixed[r] + sum;
       w.load[r] = load;
       const bool over = !w.active[r] && load > bound + tol;
       const bool released = w.active[r] && w.beta[r] > tol * 1e-3 && !w.sticky[r];

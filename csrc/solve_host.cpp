@@ -5,6 +5,10 @@
 
 #include "solve_exact.cuh"
 #include "solve_ipm.cuh"
+// the one-warp two-copy solver, its warp emulated by 32 host threads
+#define LPLB_WARP_EMULATION
+#include "warp_emulation.h"
+#include "solve_pair.cuh"
 
 namespace {
 
@@ -45,6 +49,42 @@ int lplb_solve_exact_host(int n_comp, const int* comp_rank_off, const int* comp_
     lplb::exact::Work w;
     const std::vector<double> buf = scratch(w, v);
     const lplb::exact::Result r = lplb::exact::solve(team, v, loads, w, lipschitz, max_rounds);
+    lplb::write_out(team, v, c, w.flow, w.load, r.certified, r.bound, r.rounds, r.newton_iters, out);
+  });
+  return 0;
+}
+
+// The one-warp two-copy exact solver (csrc/solve_pair.cuh): same arrays and outputs as
+// lplb_solve_exact_host; every component must be two-copy and within pair::kMax*
+// (the caller checks, as the CUDA launcher's caller does).  Experts per lane as the
+// kernel: one when no component has more than 32.  Returns 0, or 1 when a component
+// is too large.
+int lplb_solve_pair_host(int n_comp, const int* comp_rank_off, const int* comp_exp_off, const int* comp_edge_off,
+                         const int* rank_global, const int* fix_off, const int* fix_log, const int* fix_div,
+                         const int* exp_log, const int* exp_ptr, const int* edge_rank, const int* edge_exp,
+                         const int* edge_mult, const int* edge_global, const int* rank_ptr, const int* rank_edges,
+                         const double* loads, double lipschitz, int max_rounds, double* edge_flow, double* rank_load,
+                         int* status, double* bound, int* iters) {
+  const lplb::CompArrays a{n_comp, comp_rank_off, comp_exp_off, comp_edge_off, rank_global, fix_off, fix_log, fix_div,
+                           exp_log, exp_ptr, edge_rank, edge_exp, edge_mult, edge_global, rank_ptr, rank_edges};
+  const lplb::SolveOut out{edge_flow, rank_load, status, bound, iters};
+  int max_m = 0;
+  for (int c = 0; c < n_comp; ++c) {
+    const lplb::View v = lplb::View::of(a, c);
+    if (v.R > lplb::pair::kMaxRanks || v.M > lplb::pair::kMaxExperts) return 1;
+    max_m = v.M > max_m ? v.M : max_m;
+  }
+  each_component(a, [&](const lplb::blk::Team& team, const lplb::View& g, int c) {
+    std::vector<int> staged(lplb::View::staged_ints(g.R, g.M, g.E));
+    const lplb::View v = g.stage(team, staged.data());
+    lplb::exact::Work w;
+    const std::vector<double> buf = scratch(w, v);
+    lplb::exact::Result r{};
+    lplb::emu::run_warp([&] {
+      const lplb::exact::Result lane_r = max_m <= 32 ? lplb::pair::solve<1>(v, loads, w, lipschitz, max_rounds)
+                                                     : lplb::pair::solve<2>(v, loads, w, lipschitz, max_rounds);
+      if (lplb::emu::t_lane == 0) r = lane_r;
+    });
     lplb::write_out(team, v, c, w.flow, w.load, r.certified, r.bound, r.rounds, r.newton_iters, out);
   });
   return 0;

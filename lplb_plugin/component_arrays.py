@@ -22,6 +22,10 @@ into the rank, expert and edge arrays):
 - ``rank_ptr [R+C]`` / ``rank_edges [E]``: per component ``R_c+1`` local CSR offsets and
   the local edge ids of each rank, ordered by expert (so every per-rank sum adds in
   the same order as the reference's ``bincount``).
+
+``two_copy`` says that every movable expert has exactly two edges (copies on two
+ranks: all upstream topologies); the exact kernel then solves small components with
+its one-warp variant (``csrc/solve_pair.cuh``).
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ class ComponentArrays:
     max_experts: int
     max_edges: int
     lipschitz: float
+    two_copy: bool
     comp_rank_off: torch.Tensor
     comp_exp_off: torch.Tensor
     comp_edge_off: torch.Tensor
@@ -120,6 +125,7 @@ class ComponentArrays:
         per_rank_edges = np.bincount(edge_rank_g, minlength=R) if edge_rank_g.size else np.zeros(1)
         return cls(
             n_comp=n_comp, max_ranks=max_r, max_experts=max_m, max_edges=max_e,
+            two_copy=bool((np.diff(graph.expert_edge_ptr.numpy()) == 2).all()),
             # the exact reference's FISTA step uses the graph-wide edge count per rank
             lipschitz=float(max(per_rank_edges.max(initial=1), 1)),
             comp_rank_off=t(comp_rank_off), comp_exp_off=t(comp_exp_off), comp_edge_off=t(comp_edge_off),

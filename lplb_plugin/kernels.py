@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from .component_arrays import ComponentArrays
+from .errors import LPLBInputError
 from .problem import SplitGraph
 
 __all__ = ["get", "count_tokens", "count_tokens_checked", "map_tokens", "csrc_dir", "DeviceSolver", "DeviceSplit"]
@@ -79,16 +80,36 @@ def get():
     return _module
 
 
+def _check_totals(totals: torch.Tensor | None, device: torch.device, slot: int) -> None:
+    """``totals``: None, or a contiguous int64 tensor of at least ``slot + 1`` entries on
+    ``device`` (the kernels add to ``totals[slot]``)."""
+    if totals is None:
+        return
+    if not (
+        isinstance(totals, torch.Tensor) and totals.dtype == torch.int64 and totals.is_contiguous()
+        and totals.device == device and totals.numel() > slot
+    ):
+        got = f"{totals.dtype} [{totals.numel()}] on {totals.device}" if isinstance(totals, torch.Tensor) else type(totals).__name__
+        raise LPLBInputError(
+            f"totals must be a contiguous int64 tensor of at least {slot + 1} entries on {device}, got {got}"
+        )
+
+
 def count_tokens(idx: torch.Tensor, n_logical: int, n_chunks: int) -> tuple[torch.Tensor, torch.Tensor]:
     """CUDA count stage; same contract as :func:`lplb_plugin.counting.count_tokens`."""
     counts, prefix, _ = get().count(idx, n_logical, n_chunks)
     return counts, prefix
 
 
-def count_tokens_checked(idx: torch.Tensor, n_logical: int, n_chunks: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def count_tokens_checked(
+    idx: torch.Tensor, n_logical: int, n_chunks: int, totals: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`count_tokens` plus int32 ``[1]``: how many ids are neither ``-1`` nor in
-    ``[0, n_logical)`` (read it later; reading it now would sync)."""
-    return get().count(idx, n_logical, n_chunks)
+    ``[0, n_logical)`` (read it later; reading it now would sync).  With ``totals``
+    (int64, on ``idx``'s device), that number is also added to ``totals[0]`` by the
+    kernel itself (a running count, no extra kernel)."""
+    _check_totals(totals, idx.device, 0)
+    return get().count(idx, n_logical, n_chunks, totals)
 
 
 def map_tokens(
@@ -145,6 +166,10 @@ class DeviceSolver:
         self.arrays = arrays.to(device)
         self._tensors = self.arrays.tensors()
         self.sizes = [arrays.n_comp, arrays.max_ranks, arrays.max_experts, arrays.max_edges]
+        #: exact method: let small two-copy components take the one-warp solver
+        #: (csrc/solve_pair.cuh; same answer, several times faster).  False forces the
+        #: general kernel (the tests compare the two).
+        self.use_pair = arrays.two_copy
         i32 = dict(dtype=torch.int32, device=device)
         self._graph = [
             graph.slot_edge.to(**i32).contiguous(),
@@ -159,20 +184,23 @@ class DeviceSolver:
 
     def solve(
         self, loads: torch.Tensor, method: str = "exact", *, max_rounds: int = 5, ipm_max_iters: int = 100,
-        ipm_tol: float = 1e-6,
+        ipm_tol: float = 1e-6, totals: torch.Tensor | None = None,
     ) -> DeviceSplit:
         """Split ``loads`` (``[L]`` global tokens per logical expert on this GPU; int32
         is read directly, other dtypes are converted to float64 first).
 
         ``method``: ``"exact"`` or ``"ipm"``; ``max_rounds`` (exact, 1..5),
         ``ipm_max_iters`` and ``ipm_tol`` as the reference solvers take them.
+        ``totals``: optional int64 tensor on this device; the number of components
+        whose split is a fallback (status 0) is added to ``totals[1]`` on the GPU.
         """
         if method not in self.METHODS:
             raise ValueError(f"method={method!r}; expected one of {sorted(self.METHODS)}")
+        _check_totals(totals, loads.device, 1)
         if loads.dtype not in (torch.int32, torch.float64):
             loads = loads.to(torch.float64)
         out = get().solve(
-            self._tensors, self.sizes, self._graph, loads, self.n_ranks, self.METHODS[method],
-            float(self.arrays.lipschitz), int(max_rounds), int(ipm_max_iters), float(ipm_tol),
+            self._tensors, self.sizes + [int(self.use_pair)], self._graph, loads, self.n_ranks, self.METHODS[method],
+            float(self.arrays.lipschitz), int(max_rounds), int(ipm_max_iters), float(ipm_tol), totals,
         )
         return DeviceSplit(*out)

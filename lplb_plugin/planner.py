@@ -402,18 +402,18 @@ class Planner:
         if not capturing:
             self._read_pending()
         L = self.n_logical_routed_experts
+        # the kernels add the invalid ids (count) and the fallback components (solve)
+        # to these running totals themselves: no extra kernels, no sync
+        totals, pinned = self._check_buffers(idx.device)
         # one count kernel feeds the map, and the reduction unless DeepEP gives counts
-        counts, prefix, invalid = kernels.count_tokens_checked(idx, L, _n_sms(idx, None))
+        counts, prefix, _ = kernels.count_tokens_checked(idx, L, _n_sms(idx, None), totals)
         local = counts if self.stats.source.name == "router" else self.stats.local_counts(idx)
-        split = self._solve_on_device(self.global_counts(local))
+        split = self._solve_on_device(self.global_counts(local), totals)
         if avail_counter is not None:
             # upstream's semantics: + n_group when the batch was solved to optimality
             solved = (split.status.amin() > 0).to(avail_counter.dtype) * self.n_group
             avail_counter.add_(solved.view_as(avail_counter))
         out = kernels.map_tokens(idx, prefix, counts, split.cum_frac, self._log2phy_on(idx.device))
-        totals, pinned = self._check_buffers(idx.device)
-        totals[0] += invalid[0]
-        totals[1] += (split.status == 0).sum()
         self._last_split = split
         if not capturing:  # (a graph's replays are read by check_last_run)
             pinned.copy_(totals, non_blocking=True)
@@ -429,14 +429,14 @@ class Planner:
             self._checks[device] = bufs
         return bufs
 
-    def _solve_on_device(self, global_counts: torch.Tensor) -> "kernels.DeviceSplit":
+    def _solve_on_device(self, global_counts: torch.Tensor, totals: torch.Tensor | None = None) -> "kernels.DeviceSplit":
         device = global_counts.device
         solver = self._device_solvers.get(device)
         if solver is None:
             solver = kernels.DeviceSolver(self._graph, self.log2phy, self.logcnt, device)
             self._device_solvers[device] = solver
         max_iters, tol = self._ipm_options
-        return solver.solve(global_counts, self.solver, ipm_max_iters=max_iters, ipm_tol=tol)
+        return solver.solve(global_counts, self.solver, ipm_max_iters=max_iters, ipm_tol=tol, totals=totals)
 
     def _read_pending(self) -> None:
         """Act on the checks of earlier GPU :meth:`run` calls if their totals have

@@ -46,7 +46,7 @@ def compiler() -> str | None:
 @lru_cache(maxsize=1)
 def library() -> ctypes.CDLL:
     src = csrc_dir()
-    files = sorted(src.glob("*.cuh")) + [src / "solve_host.cpp"]
+    files = sorted(src.glob("*.cuh")) + [src / "warp_emulation.h", src / "solve_host.cpp"]
     digest = hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()[:16]
     cache = Path(os.environ.get("LPLB_CACHE_DIR", Path.home() / ".cache" / "lplb_plugin")) / "host"
     cache.mkdir(parents=True, exist_ok=True)
@@ -54,7 +54,8 @@ def library() -> ctypes.CDLL:
     if not lib.exists():
         tmp = lib.with_suffix(f".{os.getpid()}.tmp")
         subprocess.run(
-            [compiler(), "-std=c++17", "-O2", "-Wall", "-Werror", "-shared", "-fPIC", str(src / "solve_host.cpp"), "-o", str(tmp)],
+            [compiler(), "-std=c++20", "-O2", "-Wall", "-Werror", "-shared", "-fPIC", "-pthread", str(src / "solve_host.cpp"),
+             "-o", str(tmp)],
             check=True,
         )
         tmp.replace(lib)
@@ -79,7 +80,9 @@ def _ipm_defaults() -> dict:
 
 def solve_host(graph: SplitGraph, loads: torch.Tensor, method: str = "exact", **options) -> HostSolve:
     """Run the kernels' solve on the CPU.  ``loads`` float64 ``[L]``.  ``method``:
-    ``"exact"`` (option ``max_rounds``) or ``"ipm"`` (options ``max_iters``, ``tol``;
+    ``"exact"`` (option ``max_rounds``), ``"pair"`` (the exact method's one-warp
+    two-copy solver, its warp emulated by 32 threads; same option; the graph must be
+    two-copy with small components) or ``"ipm"`` (options ``max_iters``, ``tol``;
     defaults those of the torch IPM)."""
     arrays = ComponentArrays.from_graph(graph)
     lib = library()
@@ -94,8 +97,8 @@ def solve_host(graph: SplitGraph, loads: torch.Tensor, method: str = "exact", **
     pi = [_ptr(a, ctypes.c_int) for a in ints]
     tail = [_ptr(flow, ctypes.c_double), _ptr(rank, ctypes.c_double), _ptr(status, ctypes.c_int),
             _ptr(bound, ctypes.c_double), _ptr(iters, ctypes.c_int)]
-    if method == "exact":
-        fn = lib.lplb_solve_exact_host
+    if method in ("exact", "pair"):
+        fn = lib.lplb_solve_exact_host if method == "exact" else lib.lplb_solve_pair_host
         rc = fn(ctypes.c_int(C), *pi, _ptr(ld, ctypes.c_double), ctypes.c_double(arrays.lipschitz),
                 ctypes.c_int(options.get("max_rounds", 5)), *tail)
     elif method == "ipm":

@@ -5,6 +5,7 @@ import torch
 
 from lplb_plugin import kernels
 from lplb_plugin.counting import count_tokens
+from lplb_plugin.errors import LPLBInputError
 from lplb_plugin.layout import ExpertPlacement
 from lplb_plugin.redirect import copy_fractions, redirect
 
@@ -111,3 +112,17 @@ def test_count_kernel_counts_invalid_ids():
     counts, _, invalid = ext.count(idx, 8, 4)
     assert int(invalid) == 3  # 8, -2, 300
     assert counts.cpu().tolist() == [1, 1, 1, 0, 0, 1, 0, 1]
+
+
+def test_count_kernel_adds_invalid_ids_to_running_total():
+    ext = _ext()
+    idx = torch.tensor([[0, 5, -1], [7, 8, -2], [300, 2, 1]], dtype=torch.int32).cuda()
+    totals = torch.tensor([10, 4], dtype=torch.int64).cuda()
+    for _ in range(2):
+        _, _, invalid = ext.count(idx, 8, 2, totals)
+        assert int(invalid) == 3
+    assert totals.cpu().tolist() == [16, 4]  # only slot 0, once per call
+    with pytest.raises(LPLBInputError, match="totals must be a contiguous int64 tensor"):
+        kernels.count_tokens_checked(idx, 8, 2, totals.to(torch.int32))
+    with pytest.raises(LPLBInputError, match="on cuda"):
+        kernels.count_tokens_checked(idx, 8, 2, totals.cpu())

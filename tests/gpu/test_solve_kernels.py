@@ -6,7 +6,7 @@ import logging
 import pytest
 import torch
 
-from instances import instances, random_placement
+from instances import instances, random_placement, topology_placements
 from lplb_plugin import Planner, kernels, topology
 from lplb_plugin.errors import LPLBInputError
 from lplb_plugin.layout import ExpertPlacement
@@ -29,10 +29,12 @@ def _rel(a, b, scale):
     return float((a - b).abs().max()) / max(scale, 1.0) if a.numel() else 0.0
 
 
-def test_exact_kernel_matches_reference_on_300_instances():
+@pytest.mark.parametrize("use_pair", [True, False], ids=["one-warp-two-copy", "general"])
+def test_exact_kernel_matches_reference_on_300_instances(use_pair):
     worst = 0.0
     for inst in instances(300, seed=21):
         ds, g, p = _solver(inst, inst.graph)
+        ds.use_pair = use_pair and ds.use_pair
         split = ds.solve(inst.loads.cuda(), "exact")
         ref = solve_exact(g, inst.loads)
         scale = float(inst.loads.max())
@@ -46,6 +48,65 @@ def test_exact_kernel_matches_reference_on_300_instances():
         assert torch.allclose(split.x.cpu(), x, rtol=1e-15, atol=0)
         assert torch.equal(split.cum_frac.cpu(), copy_fractions(split.x.cpu(), p.log2phy, p.logcnt))
     print(f"exact kernel: worst relative flow difference {worst:.2e}")
+
+
+def _two_copy_placements():
+    """Two-copy placements the one-warp solver takes: upstream topologies, and one with an
+    expert holding two slots on one of its two ranks (edge multiplicity 2)."""
+    out = [(n, p) for n, p in topology_placements() if SplitGraph.from_placement(p).n_ranks <= 64]
+    # 8 ranks x 6 slots, 40 experts in order, then: expert 0 twice more on rank 7
+    # (multiplicity 2 there), experts 7, 13, 19, 25 once more on rank 7, 31 and 1 on 6
+    phy = list(range(36)) + [36, 37, 38, 39, 31, 1] + [0, 0, 7, 13, 19, 25]
+    p = ExpertPlacement.from_phy2log(torch.tensor(phy), 8, 40)
+    g = SplitGraph.from_placement(p)
+    assert bool((torch.diff(g.expert_edge_ptr) == 2).all()) and int(g.edge_mult.max()) == 2
+    out.append(("mult2", p))
+    return out
+
+
+def test_one_warp_two_copy_solver_equals_general_kernel():
+    """Same answer, certificate and bound as the general exact kernel and the reference,
+    on every two-copy placement, with random and profile-like loads; the component
+    sizes cover the register (<= 8 ranks) and shared-memory (9-32 ranks) solves and
+    the general kernel (> 32 ranks) beside it."""
+    gen = torch.Generator().manual_seed(5)
+    seen_pair = 0
+    for name, p in _two_copy_placements():
+        ds, g, _ = _solver(p)
+        assert ds.arrays.two_copy, name
+        seen_pair += ds.arrays.max_ranks <= 32
+        for k in range(6):
+            L = p.n_logical
+            loads = (torch.rand(L, generator=gen, dtype=torch.float64) ** (1 + 3 * k)) * 10 ** (2 + k % 3)
+            if k % 2:
+                loads = loads.round()
+            if k == 5:
+                loads[torch.rand(L, generator=gen) < 0.3] = 0.0
+            ds.use_pair = True
+            a = ds.solve(loads.cuda())
+            ds.use_pair = False
+            b = ds.solve(loads.cuda())
+            ref = solve_exact(g, loads)
+            scale = float(loads.max())
+            assert torch.equal(a.status, b.status) and bool(a.status.all()) == ref.certified, (name, k)
+            assert _rel(a.edge_flow.cpu(), b.edge_flow.cpu(), scale) <= 1e-10, (name, k)
+            assert torch.allclose(a.bound, b.bound, rtol=1e-12, atol=0), (name, k)
+            if ref.certified:  # the unique answer
+                assert _rel(a.edge_flow.cpu(), ref.edge_flow, scale) <= 1e-9, (name, k)
+                assert _rel(a.rank_loads.cpu(), ref.rank_loads, scale) <= 1e-9, (name, k)
+            else:  # (loads spanning ~27 orders of magnitude) a fallback: valid, not unique
+                flow = a.edge_flow.cpu()
+                sums = torch.zeros(g.n_movable, dtype=torch.float64).index_add_(0, g.edge_expert, flow)
+                assert bool((flow >= 0).all()) and torch.allclose(sums, g.demands(loads), rtol=1e-9, atol=1e-9)
+        # the fallback path (no certification round) gives the even split, reported
+        # (every expert loaded: a component with no demand is trivially certified)
+        ds.use_pair = True
+        loads = loads.clamp_min(1.0)
+        fb = ds.solve(loads.cuda(), max_rounds=0)
+        has_edges = (ds.arrays.comp_edge_off[1:] > ds.arrays.comp_edge_off[:-1]).cpu()
+        assert not bool(fb.status.cpu()[has_edges].any()), name
+        assert torch.allclose(fb.edge_flow.cpu(), g.even_flow(loads), rtol=1e-12, atol=1e-9), name
+    assert seen_pair >= 10
 
 
 def test_int32_and_float64_loads_agree():
@@ -76,6 +137,12 @@ def test_fallback_is_reported_and_valid():
     has_edges = (ds.arrays.comp_edge_off[1:] > ds.arrays.comp_edge_off[:-1]).cpu()
     assert not bool(split.status.cpu()[has_edges].any())
     assert torch.allclose(split.edge_flow.cpu(), g.even_flow(inst.loads), rtol=1e-12, atol=1e-9)
+    # the kernels count fallback components into a running total when asked
+    totals = torch.tensor([3, 5], dtype=torch.int64, device="cuda")
+    ds.solve(inst.loads.cuda(), max_rounds=0, totals=totals)
+    ds.solve(inst.loads.cuda(), totals=totals)  # certified: adds nothing
+    n_bad = int((split.status.cpu() == 0).sum())
+    assert n_bad > 0 and totals.cpu().tolist() == [3, 5 + n_bad]
 
 
 def test_ipm_kernel_matches_torch_ipm():
@@ -187,7 +254,7 @@ def test_fallback_warns_one_call_later(caplog):
     # a fallback from the kernel (no certification round) is warned about
     ds = planner._device_solvers[idx.device]
     original = ds.solve
-    ds.solve = lambda loads, method="exact", **kw: original(loads, method, max_rounds=0)
+    ds.solve = lambda loads, method="exact", **kw: original(loads, method, **{**kw, "max_rounds": 0})
     with caplog.at_level(logging.WARNING, logger="lplb_plugin"):
         planner.run(idx)
         planner.check_last_run()

@@ -1,0 +1,587 @@
+// Exact split of one component in one warp, for components whose movable experts all
+// have exactly two edges (copies on two ranks: every upstream topology) and that are
+// small: at most kMaxRanks ranks, kMaxExperts experts and kMaxDegree edges per rank.
+// Device code; the CPU build for the tests emulates the warp (warp_emulation.h).
+//
+// The same steps and the same answer as exact::solve (solve_exact.cuh), which stays
+// the reference kernel and handles every other component: FISTA sweeps order the
+// ranks, the best prefix gives the bound, and the semismooth-Newton projection of the
+// even split certifies it.  What differs is where the data lives and what the
+// critical path costs.  exact::solve keeps everything in shared memory and walks CSR
+// lists in every pass, one work item per thread, and a Newton iteration there is a
+// chain of ~15 block steps (the LDL^T alone one per rank).  Here:
+//   * each lane keeps its rank (lane r) and its experts (lanes m, m + 32) in registers,
+//     with its rank's edge ids; an expert reads its two ranks' values with one shuffle
+//     each, a rank sums its edges' values from a shared array indexed by edge;
+//   * reductions are warp butterflies, two at a time where a pass needs two;
+//   * the Newton system is solved by Gaussian elimination with lane i owning row i in
+//     shared memory (SPD: no pivoting; padded rows: no bank conflicts): one reciprocal
+//     per column on the critical path;
+//   * divisions by a Hessian diagonal become products with its reciprocal, computed
+//     once per pass.
+// Measured on H100 (clock64 per phase): the LDL^T and the per-edge divisions were
+// ~70% of exact::solve's time on an 8-rank component.  Both kernels agree to rounding
+// (tests/gpu/test_solve_kernels.py compares them on every two-copy placement).
+#pragma once
+
+#include "block_ops.cuh"
+#include "solve_exact.cuh"
+#include "solve_view.cuh"
+
+namespace lplb {
+namespace pair {
+
+constexpr int kMaxRanks = 32;
+constexpr int kMaxExperts = 64;  // two per lane
+constexpr int kMaxDegree = 8;    // edges per rank kept in registers
+
+#if defined(__CUDA_ARCH__) || defined(LPLB_WARP_EMULATION)
+
+constexpr unsigned kFull = 0xffffffffu;
+
+#ifdef LPLB_PROF  // phase timers for profiling builds (-DLPLB_PROF): one printf per block
+struct Prof {
+  long long acc[12] = {0};
+  long long last = 0;
+  __device__ void tick(int k) {
+    __syncwarp();
+    const long long now = clock64();
+    if (last) acc[k] += now - last;
+    last = now;
+  }
+};
+#define LPLB_TICK(P, k) (P).tick(k)
+#else
+struct Prof {};
+#define LPLB_TICK(P, k) ((void)0)
+#endif
+
+// Butterfly reductions; lane 0's result is broadcast so every lane holds the same bits.
+__device__ __forceinline__ double wsum(double v) {
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(kFull, v, off);
+  return __shfl_sync(kFull, v, 0);
+}
+
+__device__ __forceinline__ double wmax(double v) {
+  for (int off = 16; off > 0; off >>= 1) v = blk::nanmax(v, __shfl_xor_sync(kFull, v, off));
+  return __shfl_sync(kFull, v, 0);
+}
+
+// max and sum at once (independent chains, so the shuffles overlap)
+__device__ __forceinline__ void wmax_sum(double& mx, double& sm) {
+  for (int off = 16; off > 0; off >>= 1) {
+    const double a = __shfl_xor_sync(kFull, mx, off), b = __shfl_xor_sync(kFull, sm, off);
+    mx = blk::nanmax(mx, a);
+    sm += b;
+  }
+  mx = __shfl_sync(kFull, mx, 0);
+  sm = __shfl_sync(kFull, sm, 0);
+}
+
+// A x = b for SPD A (n <= 32, row i at A + i * lda), one warp; lane i passes b[i] and
+// gets x[i] (0 beyond n).  Gaussian elimination without pivoting (SPD), lane i
+// updating its own row in shared memory (A is overwritten); a pivot <= 0 (not
+// numerically SPD) is used as 1e-300, as blk::ldlt_factor does.  (Measured on H100:
+// faster than keeping the row in registers and publishing the pivot row, and than
+// an unrolled register elimination with shuffles.)
+__device__ __forceinline__ double solve_spd(double* A, int n, int lda, double rhs) {
+  const int i = threadIdx.x;
+  const bool has = i < n;
+  double r = has ? rhs : 0.0, my_inv = 0.0;
+  double* row = A + static_cast<size_t>(i) * lda;
+  for (int k = 0; k < n; ++k) {
+    __syncwarp();  // row k is final
+    const double* rk = A + static_cast<size_t>(k) * lda;
+    const double d = rk[k];
+    const double inv = 1.0 / (d > 0.0 ? d : 1e-300);
+    if (i == k) my_inv = inv;
+    const double bk = __shfl_sync(kFull, r, k);
+    if (has && i > k) {
+      const double f = row[k] * inv;
+      for (int j = k + 1; j < n; ++j) row[j] -= f * rk[j];
+      r -= f * bk;
+    }
+  }
+  __syncwarp();
+  double x = 0.0;
+  for (int k = n - 1; k >= 0; --k) {
+    if (i == k) x = r * my_inv;
+    const double xk = __shfl_sync(kFull, x, k);
+    if (has && i < k) r -= row[k] * xk;
+  }
+  __syncwarp();  // A may be rebuilt next
+  return x;
+}
+
+// Shared arrays of one block (carved from exact::Work).
+struct Smem {
+  double *e1, *e2;        // [E] per-edge values written by the experts
+  double *g_a, *inv_dal;  // [M]
+  double* schur;          // [R x (R + 1)], padded rows
+  double* gain;           // [R]
+  int* active;            // [R]
+};
+
+// Registers of one lane: its rank (lane < R) and its experts j (m = lane + 32 j < M).
+template <int J>
+struct Lane {
+  // rank
+  bool has_rank;
+  int deg;
+  int edges[kMaxDegree];    // the rank's edges, rank_edges order
+  int partner[kMaxDegree];  // the rank at each edge's other end
+  int more_lo, more_hi;   // rank_edges range of edges beyond kMaxDegree (none if equal)
+  double fixed, load, cap, beta, d_b, g_b;
+  bool active, sticky, was_released;
+  // experts
+  bool has[J];
+  int ra[J], rb[J];
+  double ma[J], mb[J];  // slots on each rank (edge multiplicities)
+  double c[J], x0[J], alpha[J], d_a[J], g_a[J], inv_dal[J], wa[J], wb[J];
+  double y0[J], y1[J], z0[J], z1[J], b0[J], b1[J];
+};
+
+// Per-rank sums over the rank's edges (rank_edges order, as exact::rank_loads) of one
+// or two per-edge arrays written by the experts before the call.
+template <int J>
+__device__ __forceinline__ double rank_sum(const View& v, const Lane<J>& L, const double* val) {
+  __syncwarp();
+  double s = 0.0;
+LPLB_PRAGMA(unroll)
+  for (int q = 0; q < kMaxDegree; ++q)
+    if (q < L.deg) s += val[L.edges[q]];
+  for (int q = L.more_lo; q < L.more_hi; ++q) s += val[v.rank_edges[q]];
+  __syncwarp();  // val may be rewritten next
+  return s;
+}
+
+template <int J>
+__device__ __forceinline__ void rank_sum2(const View& v, const Lane<J>& L, const double* a, const double* b,
+                                          double& sa, double& sb) {
+  __syncwarp();
+  sa = 0.0;
+  sb = 0.0;
+LPLB_PRAGMA(unroll)
+  for (int q = 0; q < kMaxDegree; ++q)
+    if (q < L.deg) {
+      sa += a[L.edges[q]];
+      sb += b[L.edges[q]];
+    }
+  for (int q = L.more_lo; q < L.more_hi; ++q) {
+    sa += a[v.rank_edges[q]];
+    sb += b[v.rank_edges[q]];
+  }
+  __syncwarp();
+}
+
+// Each expert's two edge values into arr (edges 2m and 2m + 1).  f runs on every lane
+// for every j (it may shuffle); only present experts store.
+template <int J, typename F>
+__device__ __forceinline__ void put_edges(const Lane<J>& L, double* arr, F&& f) {
+LPLB_PRAGMA(unroll)
+  for (int j = 0; j < J; ++j) {
+    const int m = threadIdx.x + 32 * j;
+    double e0, e1;
+    f(j, e0, e1);
+    if (L.has[j]) {
+      arr[2 * m] = e0;
+      arr[2 * m + 1] = e1;
+    }
+  }
+}
+
+// A rank lane's register at each expert's two ranks.
+template <int J>
+__device__ __forceinline__ void at_ranks(const Lane<J>& L, double rank_val, int j, double& va, double& vb) {
+  va = __shfl_sync(kFull, rank_val, L.ra[j]);
+  vb = __shfl_sync(kFull, rank_val, L.rb[j]);
+}
+
+// Loads of a flow (f(j, e0, e1) gives expert j's edge flows) into L.load; returns
+// their max.
+template <int J, typename F>
+__device__ __forceinline__ double loads_of(const View& v, Lane<J>& L, double* arr, F&& flow) {
+  put_edges(L, arr, flow);
+  L.load = L.fixed + rank_sum(v, L, arr);
+  return wmax(L.has_rank ? L.load : -HUGE_VAL);
+}
+
+// exact::prefix_bound on the loads in L.load.
+template <int J>
+__device__ double prefix_bound(const View& v, Lane<J>& L, const Smem& sm) {
+  const int R = v.R;
+  int pos = 0;
+  for (int q = 0; q < R; ++q) {
+    const double lq = __shfl_sync(kFull, L.load, q);
+    pos += (lq > L.load || (lq == L.load && q < static_cast<int>(threadIdx.x))) ? 1 : 0;
+  }
+  // each expert's demand counts at its later rank in the order
+  const double posd = static_cast<double>(pos);
+  put_edges(L, sm.e1, [&](int j, double& e0, double& e1) {
+    double pa, pb;
+    at_ranks(L, posd, j, pa, pb);
+    e0 = pa > pb ? L.c[j] : 0.0;
+    e1 = pb > pa ? L.c[j] : 0.0;
+  });
+  const double s = rank_sum(v, L, sm.e1);
+  if (L.has_rank) sm.gain[pos] = L.fixed + s;
+  __syncwarp();
+  if (threadIdx.x == 0) {  // left to right, as the reference
+    double acc = 0.0;
+    for (int p = 0; p < R; ++p) {
+      acc += sm.gain[p];
+      sm.gain[p] = acc;
+    }
+  }
+  __syncwarp();
+  const int p = threadIdx.x;
+  return wmax(p < R ? sm.gain[p] / (p + 1) : -HUGE_VAL);
+}
+
+// The flows mult * max(s, 0) at the current dual point, expert j.
+template <int J>
+__device__ __forceinline__ void flows_at(const Lane<J>& L, int j, double& f0, double& f1) {
+  double bA, bB;
+  at_ranks(L, L.beta, j, bA, bB);
+  const double sa = L.x0[j] + L.alpha[j] + bA, sb = L.x0[j] + L.alpha[j] + bB;
+  f0 = L.ma[j] * (sa > 0.0 ? sa : 0.0);
+  f1 = L.mb[j] * (sb > 0.0 ? sb : 0.0);
+}
+
+// exact::project: the even split projected onto {valid split, load <= bound}; the
+// flows end in (f0, f1).  Returns whether it exists and meets the certificate.
+template <int J>
+__device__ bool project(const View& v, Lane<J>& L, const Smem& sm, double bound, double scale, int& its,
+                        double (&f0)[J], double (&f1)[J], Prof& P) {
+  const double tol = exact::kCertRtol * scale;
+  const int R = v.R, r = threadIdx.x, lda = R + 1;
+  L.cap = bound - L.fixed;
+  L.beta = 0.0;
+  L.sticky = false;
+  L.was_released = false;
+  double ct = 0.0;
+LPLB_PRAGMA(unroll)
+  for (int j = 0; j < J; ++j) {
+    L.alpha[j] = 0.0;
+    L.d_a[j] = 0.0;
+    if (L.has[j]) ct += L.ma[j] * L.x0[j] * L.x0[j] + L.mb[j] * L.x0[j] * L.x0[j];
+  }
+  put_edges(L, sm.e1, [&](int j, double& e0, double& e1) {
+    e0 = L.ma[j] * L.x0[j];
+    e1 = L.mb[j] * L.x0[j];
+  });
+  const double even = L.fixed + rank_sum(v, L, sm.e1);  // (every lane: it syncs)
+  L.active = L.has_rank && even > bound;
+  double n_bad = L.has_rank && L.cap < -tol ? 1.0 : 0.0;
+  wmax_sum(n_bad, ct);
+  if (n_bad > 0.0) return false;
+  const double const_term = 0.5 * ct;
+  const double delta = 1e-12;
+  bool settled = false;
+  for (int outer = 0; outer < exact::kOuterIters && !settled; ++outer) {
+    if (!L.active) L.beta = 0.0;
+    if (L.has_rank) sm.active[r] = L.active;
+    bool converged = false, pending = false;
+    double base = 0.0, slope = 0.0, step = 1.0;
+    int newton = 0, halvings = 0;
+    for (;;) {
+      // gradients, Hessian diagonals and the dual (exact::project's first pass)
+      double acc0 = -HUGE_VAL, acc1 = 0.0;
+      put_edges(L, sm.e1, [&](int j, double& e0, double& e1) {
+        double bA, bB;
+        at_ranks(L, L.beta, j, bA, bB);
+        const double sa = L.x0[j] + L.alpha[j] + bA, sb = L.x0[j] + L.alpha[j] + bB;
+        const double wa = sa > 0.0 ? L.ma[j] : 0.0, wb = sb > 0.0 ? L.mb[j] : 0.0;
+        L.wa[j] = wa;
+        L.wb[j] = wb;
+        e0 = wa * sa;
+        e1 = wb * sb;
+        const double g = L.c[j] - (e0 + e1);
+        L.g_a[j] = g;
+        L.inv_dal[j] = 1.0 / ((wa + wb) + delta);
+        if (L.has[j]) {
+          acc0 = blk::nanmax(acc0, g < 0.0 ? -g : g);
+          acc1 += L.c[j] * L.alpha[j] - 0.5 * (wa * sa * sa + wb * sb * sb);
+          const int m = threadIdx.x + 32 * j;
+          sm.e2[2 * m] = wa;
+          sm.e2[2 * m + 1] = wb;
+          sm.g_a[m] = g;
+          sm.inv_dal[m] = L.inv_dal[j];
+        }
+      });
+      double sf, sw;
+      rank_sum2(v, L, sm.e1, sm.e2, sf, sw);
+      double d_beta = delta;
+      L.g_b = 0.0;
+      if (L.active) {
+        L.g_b = L.cap - sf;
+        d_beta = sw + delta;
+        acc0 = blk::nanmax(acc0, L.g_b < 0.0 ? -L.g_b : L.g_b);
+        acc1 += L.cap * L.beta;
+      }
+      wmax_sum(acc0, acc1);
+      LPLB_TICK(P, 4);
+      if (acc0 <= 1e-11 * scale) {
+        converged = true;
+        break;
+      }
+      if (pending && halvings < 40 && !(acc1 + const_term >= base + 1e-4 * step * slope)) {
+        step *= 0.5;  // Armijo failed: from base + step d back to base + step/2 d
+        ++halvings;
+LPLB_PRAGMA(unroll)
+        for (int j = 0; j < J; ++j) L.alpha[j] -= step * L.d_a[j];
+        if (L.active) L.beta -= step * L.d_b;
+        continue;
+      }
+      pending = false;
+      if (newton == exact::kNewtonIters) break;
+      ++newton;
+      ++its;
+      base = acc1 + const_term;
+      // Schur complement over ranks: lane r builds row r (contributions in expert order)
+      double rhs = 0.0;
+      if (L.has_rank) {
+        double* row = sm.schur + static_cast<size_t>(r) * lda;
+        for (int b = 0; b < R; ++b) row[b] = 0.0;
+        if (!L.active) {
+          row[r] = 1.0;
+        } else {
+          double diag = d_beta, sacc = 0.0;
+          auto add = [&](int e, int b) {
+            const double ce = sm.e2[e];
+            if (ce == 0.0) return;
+            const int m = e >> 1;  // the expert; e ^ 1 is its other edge, on rank b
+            const double id = sm.inv_dal[m];
+            diag -= (ce * ce) * id;
+            if (sm.active[b]) row[b] -= (ce * sm.e2[e ^ 1]) * id;
+            sacc += ce * (sm.g_a[m] * id);
+          };
+LPLB_PRAGMA(unroll)
+          for (int q = 0; q < kMaxDegree; ++q)
+            if (q < L.deg) add(L.edges[q], L.partner[q]);
+          for (int q = L.more_lo; q < L.more_hi; ++q) add(v.rank_edges[q], v.edge_rank[v.rank_edges[q] ^ 1]);
+          row[r] = diag;
+          rhs = L.g_b - sacc;
+        }
+      }
+      LPLB_TICK(P, 5);
+      L.d_b = solve_spd(sm.schur, R, lda, rhs);
+      if (!L.active) L.d_b = 0.0;  // (so the experts need not look up activity)
+      LPLB_TICK(P, 6);
+      // expert direction, the slope g . d, and the full step
+      double acc = 0.0;
+LPLB_PRAGMA(unroll)
+      for (int j = 0; j < J; ++j) {
+        double dA, dB;
+        at_ranks(L, L.d_b, j, dA, dB);
+        const double d = (L.g_a[j] - (L.wa[j] * dA + L.wb[j] * dB)) * L.inv_dal[j];
+        L.d_a[j] = L.has[j] ? d : 0.0;
+        if (L.has[j]) {
+          L.alpha[j] += d;
+          acc += L.g_a[j] * d;
+        }
+      }
+      if (L.active) {
+        acc += L.g_b * L.d_b;
+        L.beta += L.d_b;
+      }
+      slope = wsum(acc);
+      step = 1.0;
+      halvings = 0;
+      pending = true;
+      LPLB_TICK(P, 7);
+    }
+    if (!converged) return false;
+    // loads of the flows; a bound that pulls load in is not binding, unless releasing
+    // it overshot
+    loads_of(v, L, sm.e1, [&](int j, double& e0, double& e1) { flows_at(L, j, e0, e1); });
+    const bool over = L.has_rank && !L.active && L.load > bound + tol;
+    const bool released = L.has_rank && L.active && L.beta > tol * 1e-3 && !L.sticky;
+    double n_over = over ? 1.0 : 0.0, n_rel = released ? 1.0 : 0.0;
+    wmax_sum(n_over, n_rel);
+    L.sticky = L.sticky || (over && L.was_released);
+    L.was_released = L.was_released || released;
+    L.active = (L.active || over) && !released;
+    if (n_over == 0.0 && n_rel == 0.0) settled = true;
+    LPLB_TICK(P, 8);
+  }
+  if (!settled) return false;
+  // exact expert sums: each expert's flow rescaled onto its demand
+  double dead = 0.0;
+LPLB_PRAGMA(unroll)
+  for (int j = 0; j < J; ++j) {
+    double a, b;
+    flows_at(L, j, a, b);
+    const double tot = a + b;
+    const bool live = L.c[j] > 0.0;
+    if (L.has[j] && live && !(tot > 0.0)) dead = 1.0;
+    const double fac = live ? L.c[j] / tot : 0.0;
+    f0[j] = live ? a * fac : 0.0;
+    f1[j] = live ? b * fac : 0.0;
+  }
+  if (wmax(dead) > 0.0) return false;
+  loads_of(v, L, sm.e1, [&](int j, double& e0, double& e1) {
+    e0 = f0[j];
+    e1 = f1[j];
+  });
+  return wmax(L.has_rank ? L.load - (bound + tol) : -HUGE_VAL) <= 0.0;
+}
+
+// Solves the component (one warp; J experts per lane); the split ends in w.flow, its
+// loads in w.load, as exact::solve leaves them.
+template <int J, typename T>
+__device__ exact::Result solve(const View& v, const T* loads, const exact::Work& w, double lipschitz,
+                               int max_rounds) {
+  exact::Result res{1, 0, 0, 0.0};
+  Prof P;
+  LPLB_TICK(P, 0);
+  const Smem sm{w.flow, w.wt, w.g_a, w.d_alpha, w.schur, w.gain, w.active};
+  const int lane = threadIdx.x;
+  Lane<J> L;
+  L.has_rank = lane < v.R;
+  const int lo = L.has_rank ? v.rank_ptr[lane] : 0, hi = L.has_rank ? v.rank_ptr[lane + 1] : 0;
+  L.deg = hi - lo < kMaxDegree ? hi - lo : kMaxDegree;
+LPLB_PRAGMA(unroll)
+  for (int q = 0; q < kMaxDegree; ++q) {
+    L.edges[q] = q < L.deg ? v.rank_edges[lo + q] : 0;
+    L.partner[q] = q < L.deg ? v.edge_rank[L.edges[q] ^ 1] : 0;
+  }
+  L.more_lo = lo + L.deg;
+  L.more_hi = hi;
+  L.fixed = 0.0;
+  if (L.has_rank)
+    for (int j = v.fix_off[lane]; j < v.fix_off[lane + 1]; ++j)
+      L.fixed += static_cast<double>(loads[v.fix_log[j]]) / v.fix_div[j];
+  L.load = L.fixed;
+  L.beta = L.d_b = L.g_b = L.cap = 0.0;
+  L.active = L.sticky = L.was_released = false;
+  double cmax = -HUGE_VAL;
+LPLB_PRAGMA(unroll)
+  for (int j = 0; j < J; ++j) {
+    const int m = lane + 32 * j;
+    L.has[j] = m < v.M;
+    L.ra[j] = L.has[j] ? v.edge_rank[2 * m] : 0;
+    L.rb[j] = L.has[j] ? v.edge_rank[2 * m + 1] : 0;
+    L.ma[j] = L.has[j] ? static_cast<double>(v.edge_mult[2 * m]) : 0.0;
+    L.mb[j] = L.has[j] ? static_cast<double>(v.edge_mult[2 * m + 1]) : 0.0;
+    L.c[j] = L.has[j] ? static_cast<double>(loads[v.exp_log[m]]) : 0.0;
+    const double slots = L.ma[j] + L.mb[j];
+    L.x0[j] = L.c[j] / (slots > 1.0 ? slots : 1.0);
+    L.y0[j] = L.z0[j] = L.b0[j] = L.ma[j] * L.x0[j];
+    L.y1[j] = L.z1[j] = L.b1[j] = L.mb[j] * L.x0[j];
+    L.alpha[j] = L.d_a[j] = L.g_a[j] = L.wa[j] = L.wb[j] = 0.0;
+    L.inv_dal[j] = 1.0;
+    if (L.has[j]) cmax = blk::nanmax(cmax, L.c[j]);
+  }
+  auto at_y = [&](int j, double& e0, double& e1) {
+    e0 = L.y0[j];
+    e1 = L.y1[j];
+  };
+  const double even_max = loads_of(v, L, sm.e1, at_y);
+  double dmax = cmax, fmax = L.has_rank ? L.fixed : -HUGE_VAL;
+  dmax = wmax(dmax);
+  fmax = wmax(fmax);
+  LPLB_TICK(P, 0);
+  double f0[J], f1[J];
+  auto finish = [&](int certified) {
+    // the split in (f0, f1) and its loads (in L.load) to w.flow / w.load
+LPLB_PRAGMA(unroll)
+    for (int j = 0; j < J; ++j) {
+      const int m = lane + 32 * j;
+      if (L.has[j]) {
+        w.flow[2 * m] = f0[j];
+        w.flow[2 * m + 1] = f1[j];
+      }
+    }
+    if (L.has_rank) w.load[lane] = L.load;
+    __syncwarp();
+    res.certified = certified;
+  };
+  if (v.E == 0 || !(dmax > 0.0)) {
+LPLB_PRAGMA(unroll)
+    for (int j = 0; j < J; ++j) {
+      f0[j] = L.y0[j];
+      f1[j] = L.y1[j];
+    }
+    res.bound = even_max;
+    finish(1);
+    return res;
+  }
+  const double scale = dmax > fmax ? dmax : fmax;
+  double best_max = even_max, bound = -HUGE_VAL, t_k = 1.0;
+  const double step = 1.0 / lipschitz;
+  int done = 0;
+  const int rounds = max_rounds < 0 ? 0 : (max_rounds > 5 ? 5 : max_rounds);
+  for (int rnd = 0; rnd < rounds; ++rnd) {
+    // FISTA sweeps (exact::fista, two-copy closed form)
+    for (int it = exact::rounds_done(rnd) - done; it > 0; --it) {
+      put_edges(L, sm.e1, [&](int j, double& e0, double& e1) {
+        e0 = L.z0[j];
+        e1 = L.z1[j];
+      });
+      L.load = L.fixed + rank_sum(v, L, sm.e1);
+      const double t_new = 0.5 * (1.0 + sqrt(1.0 + 4.0 * t_k * t_k));
+      const double mom = (t_k - 1.0) / t_new;
+LPLB_PRAGMA(unroll)
+      for (int j = 0; j < J; ++j) {
+        double la, lb;
+        at_ranks(L, L.load, j, la, lb);
+        const double d = L.c[j];
+        double first = 0.5 * ((L.z0[j] - step * la) - (L.z1[j] - step * lb) + d);
+        first = first < 0.0 ? 0.0 : (first > d ? d : first);
+        const double yn0 = first, yn1 = d - first;
+        L.z0[j] = yn0 + mom * (yn0 - L.y0[j]);
+        L.z1[j] = yn1 + mom * (yn1 - L.y1[j]);
+        L.y0[j] = yn0;
+        L.y1[j] = yn1;
+      }
+      t_k = t_new;
+    }
+    LPLB_TICK(P, 1);
+    done = exact::rounds_done(rnd);
+    const double amax = loads_of(v, L, sm.e1, at_y);
+    if (amax < best_max) {
+      best_max = amax;
+LPLB_PRAGMA(unroll)
+      for (int j = 0; j < J; ++j) {
+        L.b0[j] = L.y0[j];
+        L.b1[j] = L.y1[j];
+      }
+    }
+    const double pb = prefix_bound(v, L, sm);
+    bound = pb > bound ? pb : bound;
+    res.rounds = rnd + 1;
+    LPLB_TICK(P, 2);
+    if (project(v, L, sm, bound, scale, res.newton_iters, f0, f1, P)) {
+      res.bound = bound;
+      finish(1);
+      LPLB_TICK(P, 9);
+#ifdef LPLB_PROF
+      if (lane == 0)
+        printf("prof blk %d R %d M %d newton %d: setup %lld fista %lld prefix %lld grad %lld schur %lld "
+               "solve %lld dir %lld outer %lld final %lld\n",
+               blockIdx.x, v.R, v.M, res.newton_iters, P.acc[0], P.acc[1], P.acc[2], P.acc[4], P.acc[5], P.acc[6],
+               P.acc[7], P.acc[8], P.acc[9]);
+#endif
+      return res;
+    }
+  }
+  // not certified: the best valid split found
+LPLB_PRAGMA(unroll)
+  for (int j = 0; j < J; ++j) {
+    f0[j] = L.b0[j];
+    f1[j] = L.b1[j];
+  }
+  loads_of(v, L, sm.e1, [&](int j, double& e0, double& e1) {
+    e0 = f0[j];
+    e1 = f1[j];
+  });
+  res.bound = bound;
+  finish(0);
+  return res;
+}
+
+#endif  // __CUDA_ARCH__ || LPLB_WARP_EMULATION
+
+}  // namespace pair
+}  // namespace lplb

@@ -1,0 +1,82 @@
+// One CUDA warp emulated by 32 host threads, so that warp-synchronous device code
+// (solve_pair.cuh) also builds as a CPU program for the tests (CI has no GPU).
+//
+// Each lane is a std::thread.  __syncwarp and every shuffle meet at a barrier, where
+// lane 0 also checks that all lanes came from the same source line: a shuffle or
+// __syncwarp that some lanes skip (a divergent branch, a short-circuited call) is a
+// deadlock or undefined behaviour on the GPU, and here it aborts with the two lines.
+// Values agree with the device up to floating-point contraction.  Only what
+// solve_pair.cuh uses is provided.  Define LPLB_WARP_EMULATION and include this
+// before solve_pair.cuh.
+#pragma once
+
+#include <barrier>
+#include <cstdio>
+#include <cstdlib>
+#include <functional>
+#include <thread>
+#include <vector>
+
+namespace lplb {
+namespace emu {
+
+struct Warp {
+  std::barrier<> bar{32};
+  double slot[32];
+  int line[32];
+};
+
+inline thread_local int t_lane = 0;
+inline thread_local Warp* t_warp = nullptr;
+
+struct ThreadIdx {
+  int x;
+};
+inline ThreadIdx thread_idx() { return ThreadIdx{t_lane}; }
+
+// Every lane publishes (value, source line); returns the slot of lane src.
+inline double meet(double v, int src, int line) {
+  Warp& w = *t_warp;
+  w.bar.arrive_and_wait();  // the previous meeting's reads are done
+  w.slot[t_lane] = v;
+  w.line[t_lane] = line;
+  w.bar.arrive_and_wait();
+  if (t_lane == 0)
+    for (int l = 1; l < 32; ++l)
+      if (w.line[l] != w.line[0]) {
+        std::fprintf(stderr, "warp emulation: lanes diverged: lane 0 at line %d, lane %d at line %d\n", w.line[0], l,
+                     w.line[l]);
+        std::abort();
+      }
+  const double r = w.slot[src & 31];
+  w.bar.arrive_and_wait();
+  return r;
+}
+
+// f() on 32 lanes of one warp, in parallel; returns when all have returned.
+inline void run_warp(const std::function<void()>& f) {
+  Warp w;
+  std::vector<std::thread> lanes;
+  lanes.reserve(32);
+  for (int l = 0; l < 32; ++l)
+    lanes.emplace_back([&, l] {
+      t_lane = l;
+      t_warp = &w;
+      f();
+    });
+  for (auto& t : lanes) t.join();
+}
+
+}  // namespace emu
+}  // namespace lplb
+
+#define __device__
+#define __forceinline__ inline
+#define threadIdx (::lplb::emu::thread_idx())
+inline void __syncwarp(int line = __builtin_LINE()) { ::lplb::emu::meet(0.0, 0, line); }
+inline double __shfl_sync(unsigned, double v, int src, int line = __builtin_LINE()) {
+  return ::lplb::emu::meet(v, src, line);
+}
+inline double __shfl_xor_sync(unsigned, double v, int mask, int line = __builtin_LINE()) {
+  return ::lplb::emu::meet(v, ::lplb::emu::t_lane ^ mask, line);
+}
