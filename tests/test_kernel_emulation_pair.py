@@ -88,3 +88,26 @@ def test_components_too_large_are_refused():
                 ComponentArrays.from_graph(i.graph).two_copy)
     with pytest.raises(AssertionError):
         emu.solve_host(inst.graph, inst.loads, "pair")
+
+
+@pytest.mark.parametrize("case", ["no-replica", "two-ranks", "ring2"])
+def test_degenerate_placements(case):
+    """No movable expert at all (every graph is then two-copy), a single replicated
+    expert on two ranks, a two-rank ring; zero, small and one-hot loads."""
+    from lplb_plugin import topology
+
+    p = {
+        "no-replica": lambda: ExpertPlacement.from_phy2log(torch.arange(16), 4, 16),
+        "two-ranks": lambda: ExpertPlacement.from_phy2log(torch.tensor([0, 1, 2, 0]), 2, 3),
+        "ring2": lambda: ExpertPlacement.from_r2o(topology.ring(2), 10, 8, 2),
+    }[case]()
+    g = SplitGraph.from_placement(p)
+    assert _pair_solvable(g)
+    L = p.n_logical
+    for loads in (torch.zeros(L, dtype=torch.float64), torch.arange(L, dtype=torch.float64) + 1,
+                  torch.tensor([1e6] + [0.0] * (L - 1), dtype=torch.float64)):
+        ref = solve_exact(g, loads)
+        got = emu.solve_host(g, loads, "pair")
+        assert bool(got.status.all()) and ref.certified
+        assert _rel(got.edge_flow, ref.edge_flow, float(loads.max())) <= 1e-12
+        assert _rel(got.rank_load, ref.rank_loads, float(loads.max())) <= 1e-12
