@@ -19,9 +19,11 @@
 //     per column on the critical path;
 //   * divisions by a Hessian diagonal become products with its reciprocal, computed
 //     once per pass.
-// Measured on H100 (clock64 per phase): the LDL^T and the per-edge divisions were
-// ~70% of exact::solve's time on an 8-rank component.  Both kernels agree to rounding
-// (tests/gpu/test_solve_kernels.py compares them on every two-copy placement).
+// Measured on H100 (docs/benchmarks.md): about 2x faster than exact::solve on 8-rank
+// components.  Its own clock64 profile (build with -DLPLB_PROF) puts the elimination
+// and the Schur assembly at about two thirds of a component's time.  Both kernels
+// agree to rounding (tests/gpu/test_solve_kernels.py compares them on every two-copy
+// placement).
 #pragma once
 
 #include "block_ops.cuh"
