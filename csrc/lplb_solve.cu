@@ -39,7 +39,8 @@ __global__ void __launch_bounds__(kSolveThreads) exact_kernel(CompArrays a, cons
 }
 
 // One warp per component, every component small and two-copy (solve_pair.cuh); J
-// experts per lane.
+// experts per lane.  The same shared-memory layout as exact_kernel<T, true> (the
+// launcher sizes both alike).
 template <int J, typename T>
 __global__ void __launch_bounds__(32) pair_kernel(CompArrays a, const T* loads, double lipschitz, int max_rounds,
                                                   SolveOut out, size_t work_bytes) {
@@ -135,25 +136,25 @@ cudaError_t launch(const CompArrays& a, const SolveSizes& sz, const T* loads, in
     auto kernel = inside ? ipm_kernel<T, true> : ipm_kernel<T, false>;
     if (cudaError_t err = allow_smem(kernel, smem); err != cudaSuccess) return err;
     kernel<<<a.n_comp, kIpmThreads, smem, stream>>>(a, loads, ipm_max_iters, ipm_tol, out, schur, stride);
-  } else if (sz.two_copy && sz.max_ranks <= pair::kMaxRanks && sz.max_experts <= pair::kMaxExperts) {
-    const size_t work = exact::Work::layout(nullptr, nullptr, sz.max_ranks, sz.max_experts, sz.max_edges, true);
-    const size_t staged = ((View::staged_ints(sz.max_ranks, sz.max_experts, sz.max_edges) * sizeof(int) + 7) / 8) * 8;
-    const size_t bytes = head + work + staged;
-    auto kernel = sz.max_experts <= 32 ? pair_kernel<1, T> : pair_kernel<2, T>;
-    if (cudaError_t err = allow_smem(kernel, bytes); err != cudaSuccess) return err;
-    kernel<<<a.n_comp, 32, bytes, stream>>>(a, loads, lipschitz, max_rounds, out, work);
   } else {
-    // one warp per 32 of the largest component's edges / experts + ranks (at least one,
-    // at most 8): small components get cheap barriers, large ones enough lanes
-    const int width = sz.max_edges > sz.max_experts + sz.max_ranks ? sz.max_edges : sz.max_experts + sz.max_ranks;
-    int threads = ((width + 31) / 32) * 32;
-    threads = threads < 32 ? 32 : (threads > kSolveThreads ? kSolveThreads : threads);
+    // the exact kernels' shared memory: scratch, then the staged index arrays
     const size_t work = work_bytes(0, sz, inside);
     const size_t staged = ((View::staged_ints(sz.max_ranks, sz.max_experts, sz.max_edges) * sizeof(int) + 7) / 8) * 8;
     const size_t bytes = head + work + staged;
-    auto kernel = inside ? exact_kernel<T, true> : exact_kernel<T, false>;
-    if (cudaError_t err = allow_smem(kernel, bytes); err != cudaSuccess) return err;
-    kernel<<<a.n_comp, threads, bytes, stream>>>(a, loads, lipschitz, max_rounds, out, schur, stride, work);
+    if (inside && sz.two_copy && sz.max_ranks <= pair::kMaxRanks && sz.max_experts <= pair::kMaxExperts) {
+      auto kernel = sz.max_experts <= 32 ? pair_kernel<1, T> : pair_kernel<2, T>;
+      if (cudaError_t err = allow_smem(kernel, bytes); err != cudaSuccess) return err;
+      kernel<<<a.n_comp, 32, bytes, stream>>>(a, loads, lipschitz, max_rounds, out, work);
+    } else {
+      // one warp per 32 of the largest component's edges / experts + ranks (at least
+      // one, at most 8): small components get cheap barriers, large ones enough lanes
+      const int width = sz.max_edges > sz.max_experts + sz.max_ranks ? sz.max_edges : sz.max_experts + sz.max_ranks;
+      int threads = ((width + 31) / 32) * 32;
+      threads = threads < 32 ? 32 : (threads > kSolveThreads ? kSolveThreads : threads);
+      auto kernel = inside ? exact_kernel<T, true> : exact_kernel<T, false>;
+      if (cudaError_t err = allow_smem(kernel, bytes); err != cudaSuccess) return err;
+      kernel<<<a.n_comp, threads, bytes, stream>>>(a, loads, lipschitz, max_rounds, out, schur, stride, work);
+    }
   }
   return cudaGetLastError();
 }

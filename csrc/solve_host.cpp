@@ -28,6 +28,20 @@ std::vector<double> scratch(Work& w, const lplb::View& v) {
   return buf;
 }
 
+// solve(team, v, w) -> exact::Result for every component as the exact kernels set it
+// up (index arrays staged, exact::Work laid out), then its answer to out.
+template <typename Solve>
+void each_exact_component(const lplb::CompArrays& a, const lplb::SolveOut& out, Solve&& solve) {
+  each_component(a, [&](const lplb::blk::Team& team, const lplb::View& g, int c) {
+    std::vector<int> staged(lplb::View::staged_ints(g.R, g.M, g.E));
+    const lplb::View v = g.stage(team, staged.data());
+    lplb::exact::Work w;
+    const std::vector<double> buf = scratch(w, v);
+    const lplb::exact::Result r = solve(team, v, w);
+    lplb::write_out(team, v, c, w.flow, w.load, r.certified, r.bound, r.rounds, r.newton_iters, out);
+  });
+}
+
 }  // namespace
 
 extern "C" {
@@ -42,14 +56,8 @@ int lplb_solve_exact_host(int n_comp, const int* comp_rank_off, const int* comp_
   const lplb::CompArrays a{n_comp, comp_rank_off, comp_exp_off, comp_edge_off, rank_global, fix_off, fix_log, fix_div,
                            exp_log, exp_ptr, edge_rank, edge_exp, edge_mult, edge_global, rank_ptr, rank_edges};
   const lplb::SolveOut out{edge_flow, rank_load, status, bound, iters};
-  each_component(a, [&](const lplb::blk::Team& team, const lplb::View& g, int c) {
-    // the kernel's staging of the index arrays, exercised here too
-    std::vector<int> staged(lplb::View::staged_ints(g.R, g.M, g.E));
-    const lplb::View v = g.stage(team, staged.data());
-    lplb::exact::Work w;
-    const std::vector<double> buf = scratch(w, v);
-    const lplb::exact::Result r = lplb::exact::solve(team, v, loads, w, lipschitz, max_rounds);
-    lplb::write_out(team, v, c, w.flow, w.load, r.certified, r.bound, r.rounds, r.newton_iters, out);
+  each_exact_component(a, out, [&](const lplb::blk::Team& team, const lplb::View& v, const lplb::exact::Work& w) {
+    return lplb::exact::solve(team, v, loads, w, lipschitz, max_rounds);
   });
   return 0;
 }
@@ -74,18 +82,14 @@ int lplb_solve_pair_host(int n_comp, const int* comp_rank_off, const int* comp_e
     if (v.R > lplb::pair::kMaxRanks || v.M > lplb::pair::kMaxExperts) return 1;
     max_m = v.M > max_m ? v.M : max_m;
   }
-  each_component(a, [&](const lplb::blk::Team& team, const lplb::View& g, int c) {
-    std::vector<int> staged(lplb::View::staged_ints(g.R, g.M, g.E));
-    const lplb::View v = g.stage(team, staged.data());
-    lplb::exact::Work w;
-    const std::vector<double> buf = scratch(w, v);
+  each_exact_component(a, out, [&](const lplb::blk::Team&, const lplb::View& v, const lplb::exact::Work& w) {
     lplb::exact::Result r{};
     lplb::emu::run_warp([&] {
       const lplb::exact::Result lane_r = max_m <= 32 ? lplb::pair::solve<1>(v, loads, w, lipschitz, max_rounds)
                                                      : lplb::pair::solve<2>(v, loads, w, lipschitz, max_rounds);
       if (lplb::emu::t_lane == 0) r = lane_r;
     });
-    lplb::write_out(team, v, c, w.flow, w.load, r.certified, r.bound, r.rounds, r.newton_iters, out);
+    return r;
   });
   return 0;
 }

@@ -45,6 +45,15 @@ def topology_placements(n_logical: int = 256) -> list[tuple[str, ExpertPlacement
     return out
 
 
+def mult2_placement() -> ExpertPlacement:
+    """A two-copy placement with an edge of multiplicity 2: 8 ranks x 6 slots, experts
+    0..39 in order, then expert 0 twice more on rank 7 (two slots there), 7, 13, 19, 25
+    once more on rank 7, 31 and 1 once more on rank 6, so every replicated expert sits
+    on exactly two ranks."""
+    phy = list(range(36)) + [36, 37, 38, 39, 31, 1] + [0, 0, 7, 13, 19, 25]
+    return ExpertPlacement.from_phy2log(torch.tensor(phy), 8, 40)
+
+
 def eplb_placements(profile: torch.Tensor) -> list[tuple[str, ExpertPlacement]]:
     """EPLB placements (hierarchical and global) built on one profile row."""
     out = []

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import kernel_emulation as emu
-from instances import instances
+from instances import instances, mult2_placement
 from lplb_plugin.component_arrays import ComponentArrays
 from lplb_plugin.layout import ExpertPlacement
 from lplb_plugin.problem import SplitGraph
@@ -28,14 +28,6 @@ def _rel(a: torch.Tensor, b: torch.Tensor, scale: float) -> float:
 def _pair_solvable(graph: SplitGraph) -> bool:
     a = ComponentArrays.from_graph(graph)
     return a.two_copy and a.max_ranks <= 32 and a.max_experts <= 64
-
-
-def _mult2_placement() -> ExpertPlacement:
-    """8 ranks x 6 slots, experts 0..39 in order, then expert 0 twice more on rank 7
-    (two slots there: edge multiplicity 2), 7, 13, 19, 25 once more on rank 7, 31 and 1
-    once more on rank 6: every replicated expert on exactly two ranks."""
-    phy = list(range(36)) + [36, 37, 38, 39, 31, 1] + [0, 0, 7, 13, 19, 25]
-    return ExpertPlacement.from_phy2log(torch.tensor(phy), 8, 40)
 
 
 def test_same_answer_as_reference_and_general_kernel():
@@ -62,7 +54,7 @@ def test_same_answer_as_reference_and_general_kernel():
 
 
 def test_edge_multiplicity_two_and_fallback():
-    p = _mult2_placement()
+    p = mult2_placement()
     g = SplitGraph.from_placement(p)
     assert _pair_solvable(g) and int(g.edge_mult.max()) == 2
     gen = torch.Generator().manual_seed(2)

@@ -6,7 +6,7 @@ import logging
 import pytest
 import torch
 
-from instances import instances, random_placement, topology_placements
+from instances import instances, mult2_placement, random_placement, topology_placements
 from lplb_plugin import Planner, kernels, topology
 from lplb_plugin.errors import LPLBInputError
 from lplb_plugin.layout import ExpertPlacement
@@ -54,10 +54,7 @@ def _two_copy_placements():
     """Two-copy placements the one-warp solver takes: upstream topologies, and one with an
     expert holding two slots on one of its two ranks (edge multiplicity 2)."""
     out = [(n, p) for n, p in topology_placements() if SplitGraph.from_placement(p).n_ranks <= 64]
-    # 8 ranks x 6 slots, 40 experts in order, then: expert 0 twice more on rank 7
-    # (multiplicity 2 there), experts 7, 13, 19, 25 once more on rank 7, 31 and 1 on 6
-    phy = list(range(36)) + [36, 37, 38, 39, 31, 1] + [0, 0, 7, 13, 19, 25]
-    p = ExpertPlacement.from_phy2log(torch.tensor(phy), 8, 40)
+    p = mult2_placement()
     g = SplitGraph.from_placement(p)
     assert bool((torch.diff(g.expert_edge_ptr) == 2).all()) and int(g.edge_mult.max()) == 2
     out.append(("mult2", p))
