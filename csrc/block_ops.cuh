@@ -173,6 +173,39 @@ LPLB_PRAGMA(unroll 1)
 #endif
 }
 
+// Stream compaction of the set flags (flag[i] != 0, i < n): pos[i] = the number of set
+// flags before i (-1 where unset), own[k] = the index of the k-th set flag.  Returns the
+// count on every thread.  Warp 0 ballots 32 flags per step (n / 32 dependent steps).
+// Uses t.red[67].
+LPLB_HD int compact(const Team& t, const int* flag, int n, int* pos, int* own) {
+#if defined(__CUDA_ARCH__)
+  if (threadIdx.x < 32) {
+    const unsigned lane = threadIdx.x;
+    int base = 0;
+    for (int i0 = 0; i0 < n; i0 += 32) {
+      const int i = i0 + static_cast<int>(lane);
+      const bool set = i < n && flag[i] != 0;
+      const unsigned m = __ballot_sync(0xffffffffu, set);
+      const int k = base + __popc(m & ((1u << lane) - 1u));
+      if (i < n) pos[i] = set ? k : -1;
+      if (set) own[k] = i;
+      base += __popc(m);
+    }
+    if (lane == 0) t.red[67] = base;
+  }
+  __syncthreads();
+  return static_cast<int>(t.red[67]);
+#else
+  (void)t;
+  int k = 0;
+  for (int i = 0; i < n; ++i) {
+    pos[i] = flag[i] ? k : -1;
+    if (flag[i]) own[k++] = i;
+  }
+  return k;
+#endif
+}
+
 // (i, j), 0 <= j <= i, of the q-th entry of a lower triangle stored row by row.
 LPLB_HD void tri_index(int q, int& i, int& j) {
   i = static_cast<int>((sqrtf(8.0f * static_cast<float>(q) + 1.0f) - 1.0f) * 0.5f);

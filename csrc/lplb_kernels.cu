@@ -13,6 +13,7 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
+constexpr int kScanRegs = 8;  // scan_kernel keeps up to 32 * kScanRegs chunks in registers
 
 __device__ __forceinline__ int64_t load_id(const void* idx, bool is64, int64_t i) {
   return is64 ? static_cast<const int64_t*>(idx)[i] : static_cast<int64_t>(static_cast<const int32_t*>(idx)[i]);
@@ -69,6 +70,29 @@ __global__ void scan_kernel(int64_t n_logical, int64_t n_chunks, int32_t* prefix
     return;
   }
   int32_t carry = 0;
+  if (n_chunks <= 32 * kScanRegs) {
+    // all of the expert's chunks loaded at once: one memory latency, not one per 32
+    int32_t v[kScanRegs];
+#pragma unroll
+    for (int q = 0; q < kScanRegs; ++q) {
+      const int64_t c = 32 * q + lane;
+      v[q] = c < n_chunks ? prefix[c * n_logical + e] : 0;
+    }
+#pragma unroll
+    for (int q = 0; q < kScanRegs; ++q) {
+      if (32 * q >= n_chunks) break;  // (uniform)
+      for (int off = 1; off < 32; off <<= 1) {
+        const int32_t up = __shfl_up_sync(0xffffffffu, v[q], off);
+        if (lane >= off) v[q] += up;
+      }
+      v[q] += carry;
+      const int64_t c = 32 * q + lane;
+      if (c < n_chunks) prefix[c * n_logical + e] = v[q];
+      carry = __shfl_sync(0xffffffffu, v[q], 31);
+    }
+    if (lane == 0) counts[e] = carry;
+    return;
+  }
   for (int64_t base = 0; base < n_chunks; base += 32) {
     const int64_t c = base + lane;
     int32_t v = c < n_chunks ? prefix[c * n_logical + e] : 0;

@@ -16,7 +16,7 @@ constexpr int kSolveThreads = 256;
 // barriers and reductions (128 measured faster than 256 on H100; at most 256 for
 // kRedDoubles).
 constexpr int kIpmThreads = 128;
-constexpr int kRedDoubles = 80;  // reduction scratch: 2 x 32 warps + the Cholesky flag
+constexpr int kRedDoubles = 80;  // reduction scratch: 2 x 32 warps + block_ops scalars (64..67)
 constexpr size_t kSmemLimit = 200 * 1024;
 
 // kInside: the Newton matrix lives in shared memory (compile-time, so that the accesses
@@ -42,7 +42,7 @@ __global__ void __launch_bounds__(kSolveThreads) exact_kernel(CompArrays a, cons
 // experts per lane.  The same shared-memory layout as exact_kernel<T, true> (the
 // launcher sizes both alike).
 template <int J, typename T>
-__global__ void __launch_bounds__(32) pair_kernel(CompArrays a, const T* loads, double lipschitz, int max_rounds,
+__global__ void __launch_bounds__(32, 1) pair_kernel(CompArrays a, const T* loads, double lipschitz, int max_rounds,
                                                   SolveOut out, size_t work_bytes) {
   extern __shared__ double smem[];
   const int c = blockIdx.x;
@@ -80,6 +80,10 @@ size_t work_bytes(int method, const SolveSizes& sz, bool schur_inside) {
 }
 
 // x[p] and cum[e, :] (the bit-exact definition of lplb_plugin.redirect.copy_fractions).
+// Each copy's slot, edge and flow are a chain of three dependent loads; the chains of
+// an expert's copies are independent, so they are issued together (kCols at a time),
+// then the arithmetic runs in copy order as the reference's.
+constexpr int kCols = 4;
 template <typename T>
 __global__ void slots_kernel(int n_logical, int n_cols, const T* loads, const int64_t* log2phy, const int64_t* logcnt,
                              const int* slot_edge, const int* edge_mult, const int* slot_share,
@@ -94,23 +98,35 @@ __global__ void slots_kernel(int n_logical, int n_cols, const T* loads, const in
   if (e >= n_logical) return;
   const int64_t cnt = logcnt[e];
   const double load = static_cast<double>(loads[e]);
+  const int64_t* row = log2phy + static_cast<int64_t>(e) * n_cols;
+  double* out = cum + static_cast<int64_t>(e) * n_cols;
   double s = 0.0;
-  for (int k = 0; k < n_cols; ++k) {
-    const int64_t p = log2phy[static_cast<int64_t>(e) * n_cols + k];
-    if (k < cnt && p >= 0) {
-      const int g = slot_edge[p];
-      const double xp = g >= 0 ? edge_flow[g] / edge_mult[g] : load / slot_share[p];
-      x[p] = xp;
-      s = s + (xp > 0.0 ? xp : 0.0);
+  for (int k0 = 0; k0 < n_cols; k0 += kCols) {
+    int64_t p[kCols];
+    int g[kCols];
+    double xp[kCols];
+#pragma unroll
+    for (int q = 0; q < kCols; ++q) p[q] = k0 + q < n_cols ? row[k0 + q] : -1;
+#pragma unroll
+    for (int q = 0; q < kCols; ++q) g[q] = k0 + q < cnt && p[q] >= 0 ? slot_edge[p[q]] : -1;
+#pragma unroll
+    for (int q = 0; q < kCols; ++q)
+      xp[q] = k0 + q < cnt && p[q] >= 0 ? (g[q] >= 0 ? edge_flow[g[q]] / edge_mult[g[q]] : load / slot_share[p[q]]) : 0.0;
+#pragma unroll
+    for (int q = 0; q < kCols; ++q) {
+      if (k0 + q >= n_cols) break;
+      if (k0 + q < cnt && p[q] >= 0) {
+        x[p[q]] = xp[q];
+        s = s + (xp[q] > 0.0 ? xp[q] : 0.0);
+      }
+      out[k0 + q] = s;  // running sums for now
     }
-    cum[static_cast<int64_t>(e) * n_cols + k] = s;  // running sums for now
   }
   const double total = s;
   for (int k = 0; k < n_cols; ++k) {
-    double* out = cum + static_cast<int64_t>(e) * n_cols + k;
-    double v = total > 0.0 ? __ddiv_rn(*out, total) : __ddiv_rn(static_cast<double>(k + 1), static_cast<double>(cnt < 1 ? 1 : cnt));
+    double v = total > 0.0 ? __ddiv_rn(out[k], total) : __ddiv_rn(static_cast<double>(k + 1), static_cast<double>(cnt < 1 ? 1 : cnt));
     v = v > 1.0 ? 1.0 : v;
-    *out = k >= cnt - 1 ? 1.0 : v;
+    out[k] = k >= cnt - 1 ? 1.0 : v;
   }
 }
 

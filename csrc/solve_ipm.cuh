@@ -375,8 +375,7 @@ LPLB_HD Result solve(const blk::Team& t, const View& v, const T* loads, const Wo
   double sum_f, sum_c;
   blk::reduce2(t, R + M, [&](int i, double& a, double& b) {
     if (i < R) {
-      double s = 0.0;
-      for (int j = v.fix_off[i]; j < v.fix_off[i + 1]; ++j) s += static_cast<double>(loads[v.fix_log[j]]) / v.fix_div[j];
+      const double s = fixed_load(v, loads, i);
       w.fixed[i] = s;
       a += s;
     } else {

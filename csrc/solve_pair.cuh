@@ -14,14 +14,18 @@
 //     with its rank's edge ids; an expert reads its two ranks' values with one shuffle
 //     each, a rank sums its edges' values from a shared array indexed by edge;
 //   * reductions are warp butterflies, two at a time where a pass needs two;
-//   * the Newton system is solved by Gaussian elimination with lane i owning row i in
-//     shared memory (SPD: no pivoting; padded rows: no bank conflicts): one reciprocal
-//     per column on the critical path;
-//   * divisions by a Hessian diagonal become products with its reciprocal, computed
-//     once per pass.
-// Measured on H100 (docs/benchmarks.md): about 2x faster than exact::solve on 8-rank
-// components.  Its own clock64 profile (build with -DLPLB_PROF) puts the elimination
-// and the Schur assembly at about two thirds of a component's time.  Both kernels
+//   * the Newton system, over the active ranks only (as in exact::solve), is solved
+//     by Gaussian elimination with lane i owning row i in shared memory (SPD: no
+//     pivoting; padded rows: no bank conflicts): one reciprocal per column on the
+//     critical path;
+//   * divisions by a Hessian diagonal become products with its reciprocal, formed
+//     once per projection for each of the three supports an expert can have;
+//   * the fixed loads, up to 32 entries per rank at EP8, are summed by 32 / R lanes
+//     per rank.
+// Measured on H100 (docs/benchmarks.md): 2-3x faster than exact::solve on 8-rank
+// components.  Its own clock64 profile (build with -DLPLB_PROF): on the slowest cube
+// EP32 component (4 Newton iterations, ~48k cycles) the elimination is ~40%, the
+// gradient and Schur passes ~25%, setup, FISTA and the bound ~20%.  Both kernels
 // agree to rounding (tests/gpu/test_solve_kernels.py compares them on every two-copy
 // placement).
 #pragma once
@@ -85,7 +89,8 @@ __device__ __forceinline__ void wmax_sum(double& mx, double& sm) {
 // updating its own row in shared memory (A is overwritten); a pivot <= 0 (not
 // numerically SPD) is used as 1e-300, as blk::ldlt_factor does.  (Measured on H100:
 // faster than keeping the row in registers and publishing the pivot row, and than
-// an unrolled register elimination with shuffles.)
+// register elimination with shuffles, unrolled for 16-32 rows or, at most 8 rows,
+// predicated.)
 __device__ __forceinline__ double solve_spd(double* A, int n, int lda, double rhs) {
   const int i = threadIdx.x;
   const bool has = i < n;
@@ -121,7 +126,7 @@ struct Smem {
   double *g_a, *inv_dal;  // [M]
   double* schur;          // [R x (R + 1)], padded rows
   double* gain;           // [R]
-  int* active;            // [R]
+  int *cpos, *owner;      // [R]: the active ranks' rows of the Newton system, and back
 };
 
 // Registers of one lane: its rank (lane < R) and its experts j (m = lane + 32 j < M).
@@ -135,6 +140,7 @@ struct Lane {
   int more_lo, more_hi;   // rank_edges range of edges beyond kMaxDegree (none if equal)
   double fixed, load, cap, beta, d_b, g_b;
   bool active, sticky, was_released;
+  bool pinned;  // in the best prefix behind the bound (exact::prefix_bound's kstar)
   // experts
   bool has[J];
   int ra[J], rb[J];
@@ -208,9 +214,10 @@ __device__ __forceinline__ double loads_of(const View& v, Lane<J>& L, double* ar
   return wmax(L.has_rank ? L.load : -HUGE_VAL);
 }
 
-// exact::prefix_bound on the loads in L.load.
+// exact::prefix_bound on the loads in L.load; pin: whether this lane's rank is in the
+// shortest best prefix.
 template <int J>
-__device__ double prefix_bound(const View& v, Lane<J>& L, const Smem& sm) {
+__device__ double prefix_bound(const View& v, Lane<J>& L, const Smem& sm, bool& pin) {
   const int R = v.R;
   int pos = 0;
   for (int q = 0; q < R; ++q) {
@@ -237,7 +244,11 @@ __device__ double prefix_bound(const View& v, Lane<J>& L, const Smem& sm) {
   }
   __syncwarp();
   const int p = threadIdx.x;
-  return wmax(p < R ? sm.gain[p] / (p + 1) : -HUGE_VAL);
+  const double ratio = p < R ? sm.gain[p] / (p + 1) : -HUGE_VAL;
+  const double best = wmax(ratio);
+  const unsigned at = __ballot_sync(kFull, p < R && ratio == best);
+  pin = L.has_rank && pos < __ffs(at);  // (__ffs: 1 + the first position; 0 if none)
+  return best;
 }
 
 // The flows mult * max(s, 0) at the current dual point, expert j.
@@ -259,7 +270,7 @@ __device__ bool project(const View& v, Lane<J>& L, const Smem& sm, double bound,
   const int R = v.R, r = threadIdx.x, lda = R + 1;
   L.cap = bound - L.fixed;
   L.beta = 0.0;
-  L.sticky = false;
+  L.sticky = L.pinned;
   L.was_released = false;
   double ct = 0.0;
 LPLB_PRAGMA(unroll)
@@ -273,16 +284,33 @@ LPLB_PRAGMA(unroll)
     e1 = L.mb[j] * L.x0[j];
   });
   const double even = L.fixed + rank_sum(v, L, sm.e1);  // (every lane: it syncs)
-  L.active = L.has_rank && even > bound;
+  L.active = L.has_rank && (even > bound || L.pinned);
   double n_bad = L.has_rank && L.cap < -tol ? 1.0 : 0.0;
   wmax_sum(n_bad, ct);
   if (n_bad > 0.0) return false;
   const double const_term = 0.5 * ct;
   const double delta = 1e-12;
+  // 1 / (Hessian diagonal) of each expert for its three possible supports, formed once
+  // (same bits as dividing in every pass, without a division on each pass's chain)
+  double iw_a[J], iw_b[J], iw_ab[J];
+LPLB_PRAGMA(unroll)
+  for (int j = 0; j < J; ++j) {
+    iw_a[j] = 1.0 / ((L.ma[j] + 0.0) + delta);
+    iw_b[j] = 1.0 / ((0.0 + L.mb[j]) + delta);
+    iw_ab[j] = 1.0 / ((L.ma[j] + L.mb[j]) + delta);
+  }
   bool settled = false;
   for (int outer = 0; outer < exact::kOuterIters && !settled; ++outer) {
     if (!L.active) L.beta = 0.0;
-    if (L.has_rank) sm.active[r] = L.active;
+    // The Newton system's unknowns are the active ranks, in rank order: an inactive
+    // rank's row is the identity, and eliminating it changes nothing (bit for bit).
+    // Lane k solves for row k, the rank owner; rank lane r reads row cpos.
+    const unsigned act = __ballot_sync(kFull, L.active);
+    const int n_act = __popc(act);
+    const int cpos = L.active ? __popc(act & ((1u << r) - 1u)) : -1;
+    if (L.has_rank) sm.cpos[r] = cpos;
+    if (L.active) sm.owner[cpos] = r;
+    __syncwarp();
     bool converged = false, pending = false;
     double base = 0.0, slope = 0.0, step = 1.0;
     int newton = 0, halvings = 0;
@@ -300,7 +328,7 @@ LPLB_PRAGMA(unroll)
         e1 = wb * sb;
         const double g = L.c[j] - (e0 + e1);
         L.g_a[j] = g;
-        L.inv_dal[j] = 1.0 / ((wa + wb) + delta);
+        L.inv_dal[j] = wa > 0.0 ? (wb > 0.0 ? iw_ab[j] : iw_a[j]) : (wb > 0.0 ? iw_b[j] : 1.0 / delta);
         if (L.has[j]) {
           acc0 = blk::nanmax(acc0, g < 0.0 ? -g : g);
           acc1 += L.c[j] * L.alpha[j] - 0.5 * (wa * sa * sa + wb * sb * sb);
@@ -340,35 +368,35 @@ LPLB_PRAGMA(unroll)
       ++newton;
       ++its;
       base = acc1 + const_term;
-      // Schur complement over ranks: lane r builds row r (contributions in expert order)
+      // Schur complement over the active ranks: rank lane r builds row cpos
+      // (contributions in expert order)
       double rhs = 0.0;
-      if (L.has_rank) {
-        double* row = sm.schur + static_cast<size_t>(r) * lda;
-        for (int b = 0; b < R; ++b) row[b] = 0.0;
-        if (!L.active) {
-          row[r] = 1.0;
-        } else {
-          double diag = d_beta, sacc = 0.0;
-          auto add = [&](int e, int b) {
-            const double ce = sm.e2[e];
-            if (ce == 0.0) return;
-            const int m = e >> 1;  // the expert; e ^ 1 is its other edge, on rank b
-            const double id = sm.inv_dal[m];
-            diag -= (ce * ce) * id;
-            if (sm.active[b]) row[b] -= (ce * sm.e2[e ^ 1]) * id;
-            sacc += ce * (sm.g_a[m] * id);
-          };
+      if (L.active) {
+        double* row = sm.schur + static_cast<size_t>(cpos) * lda;
+        for (int b = 0; b < n_act; ++b) row[b] = 0.0;
+        double diag = d_beta, sacc = 0.0;
+        auto add = [&](int e, int b) {
+          const double ce = sm.e2[e];
+          if (ce == 0.0) return;
+          const int m = e >> 1;  // the expert; e ^ 1 is its other edge, on rank b
+          const double id = sm.inv_dal[m];
+          diag -= (ce * ce) * id;
+          const int k = sm.cpos[b];
+          if (k >= 0) row[k] -= (ce * sm.e2[e ^ 1]) * id;
+          sacc += ce * (sm.g_a[m] * id);
+        };
 LPLB_PRAGMA(unroll)
-          for (int q = 0; q < kMaxDegree; ++q)
-            if (q < L.deg) add(L.edges[q], L.partner[q]);
-          for (int q = L.more_lo; q < L.more_hi; ++q) add(v.rank_edges[q], v.edge_rank[v.rank_edges[q] ^ 1]);
-          row[r] = diag;
-          rhs = L.g_b - sacc;
-        }
+        for (int q = 0; q < kMaxDegree; ++q)
+          if (q < L.deg) add(L.edges[q], L.partner[q]);
+        for (int q = L.more_lo; q < L.more_hi; ++q) add(v.rank_edges[q], v.edge_rank[v.rank_edges[q] ^ 1]);
+        row[cpos] = diag;
+        rhs = L.g_b - sacc;
       }
       LPLB_TICK(P, 5);
-      L.d_b = solve_spd(sm.schur, R, lda, rhs);
-      if (!L.active) L.d_b = 0.0;  // (so the experts need not look up activity)
+      // lane k solves for row k (its rank's right-hand side comes by shuffle)
+      const double x = solve_spd(sm.schur, n_act, lda, __shfl_sync(kFull, rhs, r < n_act ? sm.owner[r] : 0));
+      const double xr = __shfl_sync(kFull, x, L.active ? cpos : 0);
+      L.d_b = L.active ? xr : 0.0;  // (so the experts need not look up activity)
       LPLB_TICK(P, 6);
       // expert direction, the slope g . d, and the full step
       double acc = 0.0;
@@ -437,7 +465,7 @@ __device__ exact::Result solve(const View& v, const T* loads, const exact::Work&
   exact::Result res{1, 0, 0, 0.0};
   Prof P;
   LPLB_TICK(P, 0);
-  const Smem sm{w.flow, w.wt, w.g_a, w.d_alpha, w.schur, w.gain, w.active};
+  const Smem sm{w.flow, w.wt, w.g_a, w.d_alpha, w.schur, w.gain, w.cpos, w.cown};
   const int lane = threadIdx.x;
   Lane<J> L;
   L.has_rank = lane < v.R;
@@ -450,13 +478,21 @@ LPLB_PRAGMA(unroll)
   }
   L.more_lo = lo + L.deg;
   L.more_hi = hi;
-  L.fixed = 0.0;
-  if (L.has_rank)
-    for (int j = v.fix_off[lane]; j < v.fix_off[lane + 1]; ++j)
-      L.fixed += static_cast<double>(loads[v.fix_log[j]]) / v.fix_div[j];
+  {
+    // Fixed loads: G = 32 / Rp lanes per rank (Rp: R rounded up to a power of two), each
+    // summing every G-th entry of the rank's list, then a butterfly over those lanes.
+    // A rank may own dozens of fixed experts (EP8: 32), and one lane walking the list
+    // waits on two dependent global loads per entry (measured: ~15k cycles at EP8).
+    int Rp = 1;
+    while (Rp < v.R) Rp <<= 1;
+    const int rr = lane & (Rp - 1), G = 32 / Rp;
+    double fs = rr < v.R ? fixed_load(v, loads, rr, lane / Rp, G) : 0.0;
+    for (int off = Rp; off < 32; off <<= 1) fs += __shfl_xor_sync(kFull, fs, off);
+    L.fixed = L.has_rank ? fs : 0.0;
+  }
   L.load = L.fixed;
   L.beta = L.d_b = L.g_b = L.cap = 0.0;
-  L.active = L.sticky = L.was_released = false;
+  L.active = L.sticky = L.was_released = L.pinned = false;
   double cmax = -HUGE_VAL;
 LPLB_PRAGMA(unroll)
   for (int j = 0; j < J; ++j) {
@@ -550,8 +586,12 @@ LPLB_PRAGMA(unroll)
         L.b1[j] = L.y1[j];
       }
     }
-    const double pb = prefix_bound(v, L, sm);
-    bound = pb > bound ? pb : bound;
+    bool pin;
+    const double pb = prefix_bound(v, L, sm, pin);
+    if (pb >= bound) {
+      bound = pb;
+      L.pinned = pin;
+    }
     res.rounds = rnd + 1;
     LPLB_TICK(P, 2);
     if (project(v, L, sm, bound, scale, res.newton_iters, f0, f1, P)) {

@@ -124,4 +124,32 @@ LPLB_HD void write_out(const blk::Team& t, const View& v, int c, const double* f
   });
 }
 
+// Load of local rank r from the experts that cannot move (fix_off / fix_log /
+// fix_div, component_arrays.py): each adds its load over its divisor, in list order;
+// only every stride-th entry from first (so that several threads can share a long
+// list).  Entries go four at a time, their loads issued together: each is a chain of
+// two dependent global loads, and a rank may own dozens.  Most divisors are 1 (one
+// copy); those skip the division (same bits).
+template <typename T>
+LPLB_HD double fixed_load(const View& v, const T* loads, int r, int first = 0, int stride = 1) {
+  double s = 0.0;
+  const int hi = v.fix_off[r + 1];
+  for (int j0 = v.fix_off[r] + first; j0 < hi; j0 += 4 * stride) {
+    int li[4], dv[4];
+    double xv[4];
+LPLB_PRAGMA(unroll)
+    for (int q = 0; q < 4; ++q) {
+      const bool in = j0 + q * stride < hi;
+      li[q] = in ? v.fix_log[j0 + q * stride] : -1;
+      dv[q] = in ? v.fix_div[j0 + q * stride] : 1;
+    }
+LPLB_PRAGMA(unroll)
+    for (int q = 0; q < 4; ++q) xv[q] = li[q] >= 0 ? static_cast<double>(loads[li[q]]) : 0.0;
+LPLB_PRAGMA(unroll)
+    for (int q = 0; q < 4; ++q)
+      if (li[q] >= 0) s += dv[q] == 1 ? xv[q] : xv[q] / dv[q];
+  }
+  return s;
+}
+
 }  // namespace lplb

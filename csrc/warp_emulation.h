@@ -34,8 +34,10 @@ struct ThreadIdx {
 };
 inline ThreadIdx thread_idx() { return ThreadIdx{t_lane}; }
 
-// Every lane publishes (value, source line); returns the slot of lane src.
-inline double meet(double v, int src, int line) {
+// Every lane publishes (value, source line); read(slots) runs on every lane once all
+// have published, and its result is returned.
+template <typename Read>
+inline auto meet_with(double v, int line, Read&& read) {
   Warp& w = *t_warp;
   w.bar.arrive_and_wait();  // the previous meeting's reads are done
   w.slot[t_lane] = v;
@@ -48,9 +50,24 @@ inline double meet(double v, int src, int line) {
                      w.line[l]);
         std::abort();
       }
-  const double r = w.slot[src & 31];
+  const auto r = read(static_cast<const double*>(w.slot));
   w.bar.arrive_and_wait();
   return r;
+}
+
+// The slot of lane src.
+inline double meet(double v, int src, int line) {
+  return meet_with(v, line, [&](const double* slot) { return slot[src & 31]; });
+}
+
+// Bit l set where lane l's predicate is non-zero.
+inline unsigned ballot(int pred, int line) {
+  return meet_with(pred ? 1.0 : 0.0, line, [](const double* slot) {
+    unsigned m = 0;
+    for (int l = 0; l < 32; ++l)
+      if (slot[l] != 0.0) m |= 1u << l;
+    return m;
+  });
 }
 
 // f() on 32 lanes of one warp, in parallel; returns when all have returned.
@@ -80,3 +97,8 @@ inline double __shfl_sync(unsigned, double v, int src, int line = __builtin_LINE
 inline double __shfl_xor_sync(unsigned, double v, int mask, int line = __builtin_LINE()) {
   return ::lplb::emu::meet(v, ::lplb::emu::t_lane ^ mask, line);
 }
+inline unsigned __ballot_sync(unsigned, int pred, int line = __builtin_LINE()) {
+  return ::lplb::emu::ballot(pred, line);
+}
+inline int __popc(unsigned v) { return __builtin_popcount(v); }
+inline int __ffs(unsigned v) { return __builtin_ffs(static_cast<int>(v)); }
