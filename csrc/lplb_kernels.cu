@@ -7,6 +7,7 @@
 // lanes).  So it is its position among same-expert entries in flattened order, exactly
 // as the torch reference's stable sort defines it; no atomic decides an order.
 #include "lplb_kernels.h"
+#include "pdl.cuh"
 
 namespace lplb {
 namespace {
@@ -30,6 +31,7 @@ __global__ void histogram_kernel(const void* idx, bool is64, int64_t n, int64_t 
                                  int32_t* prefix, int32_t* chunk_invalid) {
   extern __shared__ int32_t hist[];
   __shared__ int32_t bad;
+  pdl_trigger();  // the scan kernel may start (it waits for this one's end)
   const int64_t c = blockIdx.x;
   for (int64_t e = threadIdx.x; e < n_logical; e += blockDim.x) hist[e] = 0;
   if (threadIdx.x == 0) bad = 0;
@@ -58,6 +60,7 @@ __global__ void scan_kernel(int64_t n_logical, int64_t n_chunks, int32_t* prefix
                             const int32_t* chunk_invalid, int32_t* invalid, int64_t* total_invalid) {
   const int64_t e = (blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x) >> 5;
   const int lane = threadIdx.x & 31;
+  pdl_wait();  // launched with launch_pdl right after histogram_kernel
   if (e > n_logical) return;  // whole warps leave together (e is per warp)
   if (e == n_logical) {
     int32_t s = 0;
@@ -124,6 +127,7 @@ __global__ void __launch_bounds__(kThreads) map_kernel(const void* idx, bool is6
   int32_t* bnd = smem_i + kWarps * n_logical;  // [n_logical, max_copies]
   const int64_t c = blockIdx.x;
   for (int64_t q = threadIdx.x; q < kWarps * n_logical; q += blockDim.x) hist[q] = 0;
+  pdl_wait();  // launched with launch_pdl: every input may come from the kernel before
   for (int64_t e = threadIdx.x; e < n_logical; e += blockDim.x) {
     const int64_t cnt = counts[e];
     int64_t prev = 0;
@@ -204,9 +208,9 @@ cudaError_t count_tokens(const void* idx, bool idx_is_64, int64_t n, int64_t n_l
   // one warp per expert, and one more for the invalid ids
   const int64_t warps_per_block = kThreads / 32;
   const unsigned blocks = static_cast<unsigned>((n_logical + 1 + warps_per_block - 1) / warps_per_block);
-  scan_kernel<<<blocks, kThreads, 0, stream>>>(n_logical, n_chunks, prefix, counts, chunk_invalid, invalid,
-                                               total_invalid);
-  return cudaGetLastError();
+  if (cudaError_t err = cudaGetLastError(); err != cudaSuccess) return err;
+  return launch_pdl(scan_kernel, blocks, kThreads, 0, stream, n_logical, n_chunks, prefix, counts, chunk_invalid,
+                    invalid, total_invalid);
 }
 
 cudaError_t map_tokens(const void* idx, bool idx_is_64, int64_t n, int64_t n_logical, int64_t n_chunks,
@@ -216,9 +220,8 @@ cudaError_t map_tokens(const void* idx, bool idx_is_64, int64_t n, int64_t n_log
   if (n == 0) return cudaSuccess;
   const size_t smem = static_cast<size_t>(n_logical) * (kWarps + max_copies) * sizeof(int32_t);
   if (cudaError_t err = allow_smem(map_kernel, smem); err != cudaSuccess) return err;
-  map_kernel<<<static_cast<unsigned>(n_chunks), kThreads, smem, stream>>>(
-      idx, idx_is_64, n, n_logical, n_chunks, prefix, counts, cum_frac, log2phy, max_copies, out);
-  return cudaGetLastError();
+  return launch_pdl(map_kernel, static_cast<unsigned>(n_chunks), kThreads, smem, stream, idx, idx_is_64, n, n_logical,
+                    n_chunks, prefix, counts, cum_frac, log2phy, max_copies, out);
 }
 
 }  // namespace lplb

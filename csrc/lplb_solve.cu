@@ -4,6 +4,7 @@
 #include <cuda_runtime.h>
 
 #include "lplb_solve.h"
+#include "pdl.cuh"
 #include "solve_exact.cuh"
 #include "solve_ipm.cuh"
 #include "solve_pair.cuh"
@@ -27,6 +28,7 @@ __global__ void __launch_bounds__(kSolveThreads) exact_kernel(CompArrays a, cons
                                                                int max_rounds, SolveOut out, double* schur_global,
                                                                int schur_stride, size_t work_bytes) {
   extern __shared__ double smem[];
+  pdl_trigger();  // the slots kernel may start (it waits for this one's end)
   const int c = blockIdx.x;
   blk::Team team{smem};
   const View g = View::of(a, c);
@@ -45,6 +47,7 @@ template <int J, typename T>
 __global__ void __launch_bounds__(32, 1) pair_kernel(CompArrays a, const T* loads, double lipschitz, int max_rounds,
                                                   SolveOut out, size_t work_bytes) {
   extern __shared__ double smem[];
+  pdl_trigger();  // the slots kernel may start (it waits for this one's end)
   const int c = blockIdx.x;
   blk::Team team{smem};
   const View g = View::of(a, c);
@@ -63,6 +66,7 @@ template <typename T, bool kInside>
 __global__ void __launch_bounds__(kIpmThreads, 1) ipm_kernel(CompArrays a, const T* loads, int max_iters, double tol,
                                                              SolveOut out, double* schur_global, int schur_stride) {
   extern __shared__ double smem[];
+  pdl_trigger();  // the slots kernel may start (it waits for this one's end)
   const int c = blockIdx.x;
   const View v = View::of(a, c);
   blk::Team team{smem};
@@ -80,35 +84,45 @@ size_t work_bytes(int method, const SolveSizes& sz, bool schur_inside) {
 }
 
 // x[p] and cum[e, :] (the bit-exact definition of lplb_plugin.redirect.copy_fractions).
-// Each copy's slot, edge and flow are a chain of three dependent loads; the chains of
-// an expert's copies are independent, so they are issued together (kCols at a time),
-// then the arithmetic runs in copy order as the reference's.
+// Launched right after the solve kernel with launch_pdl: the static arrays and the
+// loads (written before the solve kernel started) are read while it runs, the edge
+// flow and the status after pdl_wait().  Each copy's slot, edge and flow are a chain
+// of three dependent loads; the chains of an expert's copies are independent, so they
+// are issued together (kCols at a time), then the arithmetic runs in copy order as
+// the reference's.
 constexpr int kCols = 4;
 template <typename T>
 __global__ void slots_kernel(int n_logical, int n_cols, const T* loads, const int64_t* log2phy, const int64_t* logcnt,
                              const int* slot_edge, const int* edge_mult, const int* slot_share,
                              const double* edge_flow, double* x, double* cum, const int* status, int n_comp,
                              int64_t* total_fallback) {
+  pdl_trigger();  // (the map kernel waits for this one's end anyway)
   const int e = blockIdx.x * blockDim.x + threadIdx.x;
+  const bool live = e < n_logical;
+  const int64_t* row = log2phy + static_cast<int64_t>(live ? e : 0) * n_cols;
+  const int64_t cnt = live ? logcnt[e] : 0;
+  const double load = live ? static_cast<double>(loads[e]) : 0.0;
+  int64_t p[kCols];
+  int g[kCols];
+  auto slots_of = [&](int k0) {  // copies k0 .. k0 + kCols - 1: their slots and edges
+#pragma unroll
+    for (int q = 0; q < kCols; ++q) p[q] = k0 + q < n_cols ? row[k0 + q] : -1;
+#pragma unroll
+    for (int q = 0; q < kCols; ++q) g[q] = k0 + q < cnt && p[q] >= 0 ? slot_edge[p[q]] : -1;
+  };
+  if (live) slots_of(0);
+  pdl_wait();  // the solve kernel's flow and status from here on
   if (e == 0 && total_fallback != nullptr) {
     int64_t bad = 0;
     for (int c = 0; c < n_comp; ++c) bad += status[c] == 0 ? 1 : 0;
     *total_fallback += bad;
   }
-  if (e >= n_logical) return;
-  const int64_t cnt = logcnt[e];
-  const double load = static_cast<double>(loads[e]);
-  const int64_t* row = log2phy + static_cast<int64_t>(e) * n_cols;
+  if (!live) return;
   double* out = cum + static_cast<int64_t>(e) * n_cols;
   double s = 0.0;
   for (int k0 = 0; k0 < n_cols; k0 += kCols) {
-    int64_t p[kCols];
-    int g[kCols];
+    if (k0 > 0) slots_of(k0);
     double xp[kCols];
-#pragma unroll
-    for (int q = 0; q < kCols; ++q) p[q] = k0 + q < n_cols ? row[k0 + q] : -1;
-#pragma unroll
-    for (int q = 0; q < kCols; ++q) g[q] = k0 + q < cnt && p[q] >= 0 ? slot_edge[p[q]] : -1;
 #pragma unroll
     for (int q = 0; q < kCols; ++q)
       xp[q] = k0 + q < cnt && p[q] >= 0 ? (g[q] >= 0 ? edge_flow[g[q]] / edge_mult[g[q]] : load / slot_share[p[q]]) : 0.0;
@@ -201,14 +215,12 @@ cudaError_t slot_split(int n_logical, int n_cols, const void* loads, bool loads_
   if (n_logical == 0) return cudaSuccess;
   const int threads = 128, blocks = (n_logical + threads - 1) / threads;
   if (loads_int32)
-    slots_kernel<<<blocks, threads, 0, stream>>>(n_logical, n_cols, static_cast<const int32_t*>(loads), log2phy,
-                                                 logcnt, slot_edge, edge_mult, slot_share, edge_flow, x, cum,
-                                                 status, n_comp, total_fallback);
-  else
-    slots_kernel<<<blocks, threads, 0, stream>>>(n_logical, n_cols, static_cast<const double*>(loads), log2phy,
-                                                 logcnt, slot_edge, edge_mult, slot_share, edge_flow, x, cum,
-                                                 status, n_comp, total_fallback);
-  return cudaGetLastError();
+    return launch_pdl(slots_kernel<int32_t>, blocks, threads, 0, stream, n_logical, n_cols,
+                      static_cast<const int32_t*>(loads), log2phy, logcnt, slot_edge, edge_mult, slot_share, edge_flow,
+                      x, cum, status, n_comp, total_fallback);
+  return launch_pdl(slots_kernel<double>, blocks, threads, 0, stream, n_logical, n_cols,
+                    static_cast<const double*>(loads), log2phy, logcnt, slot_edge, edge_mult, slot_share, edge_flow, x,
+                    cum, status, n_comp, total_fallback);
 }
 
 }  // namespace lplb
