@@ -222,9 +222,13 @@ LPLB_HD bool project(const blk::Team& t, const View& v, const Work& w, double bo
       w.alpha[i - R] = 0.0;
     }
   });
-  // smallest room, the dual's constant, and the ranks the even split overloads
-  double setup[2];
-  blk::reduce_n<2, 0x0u>(t, R + E, [&](int i, double* acc) {
+  // smallest room, the dual's constant, the ranks the even split overloads, and the
+  // cap on the dual: any valid split y has 1/2 sum (y - x0)^2 <= 1/2 sum_e mult c^2
+  // (per slot, y and x0 both lie in [0, c]), so by weak duality a dual value above
+  // twice that (rounding margin) proves that no split meets the bound.  Such an
+  // attempt stops there instead of running Newton to its iteration cap.
+  double setup[3];
+  blk::reduce_n<3, 0x0u>(t, R + E, [&](int i, double* acc) {
     if (i < R) {
       double s = 0.0;
       for (int q = v.rank_ptr[i]; q < v.rank_ptr[i + 1]; ++q) s += v.edge_mult[v.rank_edges[q]] * w.x0[v.rank_edges[q]];
@@ -232,9 +236,12 @@ LPLB_HD bool project(const blk::Team& t, const View& v, const Work& w, double bo
       acc[0] += w.cap[i] < -tol ? 1.0 : 0.0;
     } else {
       const int e = i - R;
+      const double c = w.demand[v.edge_exp[e]];
       acc[1] += v.edge_mult[e] * w.x0[e] * w.x0[e];
+      acc[2] += v.edge_mult[e] * c * c;
     }
   }, setup);
+  const double dual_cap = setup[2];
   if (setup[0] > 0.0) return false;
   const double const_term = 0.5 * setup[1];
   const double delta = 1e-12;
@@ -298,6 +305,7 @@ LPLB_HD bool project(const blk::Team& t, const View& v, const Work& w, double bo
         converged = true;
         break;
       }
+      if (ga[1] + const_term > dual_cap) return false;  // infeasible: the bound is too low
       if (pending && halvings < 40 && !(ga[1] + const_term >= base + 1e-4 * step * slope)) {
         // Armijo failed: halve the step (from base + step d to base + step/2 d)
         step *= 0.5;

@@ -272,13 +272,18 @@ __device__ bool project(const View& v, Lane<J>& L, const Smem& sm, double bound,
   L.beta = 0.0;
   L.sticky = L.pinned;
   L.was_released = false;
-  double ct = 0.0;
+  double ct = 0.0, cc = 0.0;
 LPLB_PRAGMA(unroll)
   for (int j = 0; j < J; ++j) {
     L.alpha[j] = 0.0;
     L.d_a[j] = 0.0;
-    if (L.has[j]) ct += L.ma[j] * L.x0[j] * L.x0[j] + L.mb[j] * L.x0[j] * L.x0[j];
+    if (L.has[j]) {
+      ct += L.ma[j] * L.x0[j] * L.x0[j] + L.mb[j] * L.x0[j] * L.x0[j];
+      cc += (L.ma[j] + L.mb[j]) * L.c[j] * L.c[j];
+    }
   }
+  // the cap on the dual (weak duality), as exact::project has it
+  const double dual_cap = wsum(cc);
   put_edges(L, sm.e1, [&](int j, double& e0, double& e1) {
     e0 = L.ma[j] * L.x0[j];
     e1 = L.mb[j] * L.x0[j];
@@ -355,6 +360,7 @@ LPLB_PRAGMA(unroll)
         converged = true;
         break;
       }
+      if (acc1 + const_term > dual_cap) return false;  // infeasible: the bound is too low
       if (pending && halvings < 40 && !(acc1 + const_term >= base + 1e-4 * step * slope)) {
         step *= 0.5;  // Armijo failed: from base + step d back to base + step/2 d
         ++halvings;

@@ -153,3 +153,26 @@ def test_fallback_is_valid_and_not_certified():
         assert_valid_split(inst.graph, inst.loads, r.edge_flow)
         t, _ = solve_highs(inst.graph, inst.loads)
         assert r.objective >= t * (1 - 1e-12) - 1e-9
+
+
+def test_attempt_below_the_optimum_stops_early():
+    """A bound below a component's optimum has no valid split under it: the projection's
+    dual then exceeds sum mult demand^2 (weak duality) and the attempt returns after a
+    few Newton steps, not after the iteration cap (same answers either way)."""
+    from lplb_plugin.solvers import exact as ex
+
+    for inst in list(instances(30, seed=11))[::3]:
+        r = solve_exact(inst.graph, inst.loads)
+        st = ex._structure(inst.graph)
+        if st.E == 0:
+            continue
+        fixed = inst.graph.fixed_loads(inst.loads).numpy()
+        demand = inst.graph.demands(inst.loads).numpy()
+        if not demand.any():
+            continue
+        x0 = np.where(st.mask, (demand / np.maximum(st.slots, 1))[:, None], 0.0)
+        scale = max(float(demand.max()), float(fixed.max()))
+        low = r.component_bound.numpy() * (1.0 - 1e-3)
+        _, _, _, ok, its = ex._project(st, fixed, demand, x0, low, np.zeros(st.M), np.zeros(st.R), scale)
+        assert not ok, inst.name
+        assert its < ex._NEWTON_ITERS, (inst.name, its)

@@ -103,3 +103,9 @@ def test_degenerate_placements(case):
         assert bool(got.status.all()) and ref.certified
         assert _rel(got.edge_flow, ref.edge_flow, float(loads.max())) <= 1e-12
         assert _rel(got.rank_load, ref.rank_loads, float(loads.max())) <= 1e-12
+
+
+def test_failed_attempts_stop_early():
+    from test_kernel_emulation_exact import failed_attempts_check
+
+    assert failed_attempts_check("pair", _pair_solvable) >= 1

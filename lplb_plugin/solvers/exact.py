@@ -258,6 +258,11 @@ def _project(st, fixed, demand, x0, bound, alpha, beta, scale):
     beta = np.minimum(beta, 0.0)
     sticky = np.zeros(st.R, dtype=bool)
     was_released = np.zeros(st.R, dtype=bool)
+    # Any valid split y has 1/2 sum (y - x0)^2 <= 1/2 sum mult demand^2 (per slot, y and
+    # x0 both lie in [0, demand]); by weak duality a dual value above twice that (a
+    # rounding margin) proves that no split meets the bound, so the attempt stops
+    # there instead of running Newton to its iteration cap.
+    dual_cap = float((st.mult * (demand * demand)[:, None]).sum())
     its = 0
     for _outer in range(8):
         beta = np.where(active, beta, 0.0)
@@ -268,9 +273,12 @@ def _project(st, fixed, demand, x0, bound, alpha, beta, scale):
             g_b = np.where(active, cap - np.bincount(st.rank_flat, weights=flow.ravel(), minlength=st.R), 0.0)
             if max(np.abs(g_a).max(), np.abs(g_b).max()) <= 1e-11 * scale:
                 break
+            base = _dual(st, demand, cap, x0, active, alpha, beta)
+            if base > dual_cap:
+                return flow, alpha, beta, False, its
             its += 1
             d_a, d_b = _newton_direction(st, np.where(s > 0, st.mult, 0.0), active, g_a, g_b)
-            alpha, beta = _line_search(st, demand, cap, x0, active, alpha, beta, d_a, d_b, g_a, g_b)
+            alpha, beta = _line_search(st, demand, cap, x0, active, alpha, beta, d_a, d_b, g_a, g_b, base)
         else:
             return flow, alpha, beta, False, its
         load = _rank_loads(st, fixed, flow)
@@ -322,9 +330,9 @@ def _dual(st, demand, cap, x0, active, alpha, beta):
     return demand @ alpha + np.where(active, cap, 0.0) @ beta - 0.5 * (st.mult * s * s).sum() + 0.5 * (st.mult * x0 * x0).sum()
 
 
-def _line_search(st, demand, cap, x0, active, alpha, beta, d_a, d_b, g_a, g_b):
-    """Armijo backtracking on the concave dual (full steps near the answer)."""
-    base = _dual(st, demand, cap, x0, active, alpha, beta)
+def _line_search(st, demand, cap, x0, active, alpha, beta, d_a, d_b, g_a, g_b, base):
+    """Armijo backtracking on the concave dual from its value ``base`` at (alpha,
+    beta) (full steps near the answer)."""
     slope = g_a @ d_a + g_b @ d_b
     t = 1.0
     for _ in range(40):
