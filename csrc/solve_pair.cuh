@@ -126,7 +126,7 @@ struct Smem {
   double *g_a, *inv_dal;  // [M]
   double* schur;          // [R x (R + 1)], padded rows
   double* gain;           // [R]
-  int *cpos, *owner;      // [R]: the active ranks' rows of the Newton system, and back
+  int *cpos, *owner;      // [R]: a rank's row of the Newton system (-1: inactive), a row's rank
 };
 
 // Registers of one lane: its rank (lane < R) and its experts j (m = lane + 32 j < M).
