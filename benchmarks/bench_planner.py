@@ -10,7 +10,10 @@ once, replayed 200 times after warm-up):
   component) plus the small kernel turning its flow into per-slot shares;
 - ``run_graph_us``: ``Planner.run`` captured whole (count + solve + map; no group, so
   no communication);
-- ``ipm_gap``: relative distance of the IPM kernel's max load from the exact optimum.
+- ``ipm_gap``: relative distance of the IPM kernel's max load from the exact optimum;
+- ``first_attempt_fails``: the exact solve on the cube EP32 batches of the profile
+  (layers 3 and 50, 16384 tokens per rank) whose first certification attempt fails,
+  so that a second round runs (the solver's slow path).
 
 Baselines in the same process: the torch count / redirect (events / graph replays),
 the exact solver on the host (wall clock, median of 50) and ``host_run_ms``, the
@@ -54,6 +57,31 @@ def cases():
     return out, prof
 
 
+def batch(planner: Planner, prof: torch.Tensor, layer: int, tokens: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """top-8 ids drawn from profile layer ``layer`` (Gumbel top-k), and the global
+    per-expert counts of an EP group whose ranks all see such a batch."""
+    gen = torch.Generator().manual_seed(seed)
+    logw = torch.log(prof[layer] / prof[layer].sum()).float()
+    gumbel = -torch.log(-torch.log(torch.rand(tokens, 256, generator=gen).clamp_(1e-20, 1)))
+    idx = torch.topk(logw + gumbel, 8, dim=1).indices
+    return idx, planner.count_workload(idx)[0] * planner.ep_size
+
+
+def first_attempt_fails(planners, prof) -> list[dict]:
+    planner = dict(planners)["cube-ep32"]
+    ds = kernels.DeviceSolver(planner._graph, planner.log2phy, planner.logcnt, torch.device("cuda"))
+    rows = []
+    for layer in (3, 50):
+        _, counts = batch(planner, prof, layer, 16384, layer * 7 + 16384)
+        glob = counts.to(torch.int32).cuda()
+        r = ds.solve(glob, "exact")
+        rows.append({"placement": "cube-ep32", "layer": layer, "tokens_per_rank": 16384,
+                     "exact_rounds_max": int(r.iters[:, 0].max()), "exact_newton_max": int(r.iters[:, 1].max()),
+                     "exact_certified": bool(r.status.all()),
+                     "solve_exact_us": round(graph_time(lambda: ds.solve(glob, "exact")), 2)})
+    return rows
+
+
 def event_time(fn, reps: int = 200) -> float:
     for _ in range(10):
         fn()
@@ -87,11 +115,8 @@ def main() -> None:
     rows = []
     for name, planner in planners:
         for tokens in (4096, 16384):
-            gen = torch.Generator().manual_seed(tokens)
-            logw = torch.log(prof[10] / prof[10].sum()).float()
-            gumbel = -torch.log(-torch.log(torch.rand(tokens, 256, generator=gen).clamp_(1e-20, 1)))
-            idx = torch.topk(logw + gumbel, 8, dim=1).indices.cuda()
-            counts = planner.count_workload(idx)[0] * planner.ep_size  # a global batch
+            idx, counts = batch(planner, prof, 10, tokens, tokens)  # a global batch
+            idx, counts = idx.cuda(), counts.cuda()
             plan = planner.plan(counts.cpu(), device="cuda")
             l2p = planner.log2phy.cuda()
             row = {"placement": name, "ranks": planner.ep_size, "slots": planner.n_routed_experts, "tokens_per_rank": tokens}
@@ -148,6 +173,7 @@ def main() -> None:
     print(json.dumps({
         "benchmark": "planner", "gpu": torch.cuda.get_device_name(0), "torch": torch.__version__,
         "kernels": ext is not None, "n_sms": n_sms, "rows": rows,
+        "first_attempt_fails": first_attempt_fails(planners, prof) if ext is not None else [],
     }))
 
 
