@@ -44,18 +44,27 @@ void each_exact_component(const lplb::CompArrays& a, const lplb::SolveOut& out, 
 
 }  // namespace
 
+// Every entry point takes the arrays of lplb_plugin/component_arrays.py (one int
+// pointer each, as tests/kernel_emulation.py passes them), the loads, its method's
+// options, then the outputs of lplb::SolveOut.
+#define LPLB_HOST_ARRAYS                                                                                  \
+  int n_comp, const int *comp_rank_off, const int *comp_exp_off, const int *comp_edge_off,               \
+      const int *rank_global, const int *fix_off, const int *fix_log, const int *fix_div,                \
+      const int *exp_log, const int *exp_ptr, const int *edge_rank, const int *edge_exp,                 \
+      const int *edge_mult, const int *edge_global, const int *rank_ptr, const int *rank_edges
+#define LPLB_HOST_OUT double *edge_flow, double *rank_load, int *status, double *bound, int *iters
+// ... and the two structs the kernels take, built from those parameters
+#define LPLB_HOST_STRUCTS                                                                                 \
+  const lplb::CompArrays a{n_comp,    comp_rank_off, comp_exp_off, comp_edge_off, rank_global, fix_off,   \
+                           fix_log,   fix_div,       exp_log,      exp_ptr,       edge_rank,   edge_exp,  \
+                           edge_mult, edge_global,   rank_ptr,     rank_edges};                           \
+  const lplb::SolveOut out{edge_flow, rank_load, status, bound, iters}
+
 extern "C" {
 
-// Arrays as in lplb_plugin/component_arrays.py; loads float64 [L].  Returns 0.
-int lplb_solve_exact_host(int n_comp, const int* comp_rank_off, const int* comp_exp_off, const int* comp_edge_off,
-                          const int* rank_global, const int* fix_off, const int* fix_log, const int* fix_div,
-                          const int* exp_log, const int* exp_ptr, const int* edge_rank, const int* edge_exp,
-                          const int* edge_mult, const int* edge_global, const int* rank_ptr, const int* rank_edges,
-                          const double* loads, double lipschitz, int max_rounds, double* edge_flow, double* rank_load,
-                          int* status, double* bound, int* iters) {
-  const lplb::CompArrays a{n_comp, comp_rank_off, comp_exp_off, comp_edge_off, rank_global, fix_off, fix_log, fix_div,
-                           exp_log, exp_ptr, edge_rank, edge_exp, edge_mult, edge_global, rank_ptr, rank_edges};
-  const lplb::SolveOut out{edge_flow, rank_load, status, bound, iters};
+// Loads float64 [L].  Returns 0.
+int lplb_solve_exact_host(LPLB_HOST_ARRAYS, const double* loads, double lipschitz, int max_rounds, LPLB_HOST_OUT) {
+  LPLB_HOST_STRUCTS;
   each_exact_component(a, out, [&](const lplb::blk::Team& team, const lplb::View& v, const lplb::exact::Work& w) {
     return lplb::exact::solve(team, v, loads, w, lipschitz, max_rounds);
   });
@@ -67,15 +76,8 @@ int lplb_solve_exact_host(int n_comp, const int* comp_rank_off, const int* comp_
 // (the caller checks, as the CUDA launcher's caller does).  Experts per lane as the
 // kernel: one when no component has more than 32.  Returns 0, or 1 when a component
 // is too large.
-int lplb_solve_pair_host(int n_comp, const int* comp_rank_off, const int* comp_exp_off, const int* comp_edge_off,
-                         const int* rank_global, const int* fix_off, const int* fix_log, const int* fix_div,
-                         const int* exp_log, const int* exp_ptr, const int* edge_rank, const int* edge_exp,
-                         const int* edge_mult, const int* edge_global, const int* rank_ptr, const int* rank_edges,
-                         const double* loads, double lipschitz, int max_rounds, double* edge_flow, double* rank_load,
-                         int* status, double* bound, int* iters) {
-  const lplb::CompArrays a{n_comp, comp_rank_off, comp_exp_off, comp_edge_off, rank_global, fix_off, fix_log, fix_div,
-                           exp_log, exp_ptr, edge_rank, edge_exp, edge_mult, edge_global, rank_ptr, rank_edges};
-  const lplb::SolveOut out{edge_flow, rank_load, status, bound, iters};
+int lplb_solve_pair_host(LPLB_HOST_ARRAYS, const double* loads, double lipschitz, int max_rounds, LPLB_HOST_OUT) {
+  LPLB_HOST_STRUCTS;
   int max_m = 0;
   for (int c = 0; c < n_comp; ++c) {
     const lplb::View v = lplb::View::of(a, c);
@@ -96,15 +98,8 @@ int lplb_solve_pair_host(int n_comp, const int* comp_rank_off, const int* comp_e
 
 // The IPM (csrc/solve_ipm.cuh): same arrays and outputs; status = converged, bound =
 // objective (max rank load of the component), iters = (iterations, 0).  Returns 0.
-int lplb_solve_ipm_host(int n_comp, const int* comp_rank_off, const int* comp_exp_off, const int* comp_edge_off,
-                        const int* rank_global, const int* fix_off, const int* fix_log, const int* fix_div,
-                        const int* exp_log, const int* exp_ptr, const int* edge_rank, const int* edge_exp,
-                        const int* edge_mult, const int* edge_global, const int* rank_ptr, const int* rank_edges,
-                        const double* loads, int max_iters, double tol, double* edge_flow, double* rank_load,
-                        int* status, double* bound, int* iters) {
-  const lplb::CompArrays a{n_comp, comp_rank_off, comp_exp_off, comp_edge_off, rank_global, fix_off, fix_log, fix_div,
-                           exp_log, exp_ptr, edge_rank, edge_exp, edge_mult, edge_global, rank_ptr, rank_edges};
-  const lplb::SolveOut out{edge_flow, rank_load, status, bound, iters};
+int lplb_solve_ipm_host(LPLB_HOST_ARRAYS, const double* loads, int max_iters, double tol, LPLB_HOST_OUT) {
+  LPLB_HOST_STRUCTS;
   each_component(a, [&](const lplb::blk::Team& team, const lplb::View& v, int c) {
     lplb::ipm::Work w;
     const std::vector<double> buf = scratch(w, v);
