@@ -1,5 +1,6 @@
 """Split-LP instances shared by the solver tests: topology and EPLB placements, with
-real (DeepSeek-V3 profile) and synthetic loads, plus degenerate ones."""
+real (DeepSeek-V3 profile) and synthetic loads, plus degenerate ones; and the
+relative difference the tests compare splits by."""
 
 from __future__ import annotations
 
@@ -21,6 +22,11 @@ class Instance:
     placement: ExpertPlacement
     graph: SplitGraph
     loads: torch.Tensor  # float64 [L]
+
+
+def rel_diff(a: torch.Tensor, b: torch.Tensor, scale: float) -> float:
+    """max |a - b| over max(scale, 1) (0 for empty tensors)."""
+    return float((a - b).abs().max()) / max(scale, 1.0) if a.numel() else 0.0
 
 
 def topology_placements(n_logical: int = 256) -> list[tuple[str, ExpertPlacement]]:

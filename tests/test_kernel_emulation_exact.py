@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import kernel_emulation as emu
-from instances import instances, random_placement
+from instances import instances, random_placement, rel_diff
 from lplb_plugin import topology
 from lplb_plugin.layout import ExpertPlacement
 from lplb_plugin.problem import SplitGraph
@@ -17,10 +17,6 @@ from lplb_plugin.solvers.exact import solve_exact
 from lplb_plugin.solvers.highs import solve_highs
 
 pytestmark = pytest.mark.skipif(emu.compiler() is None, reason="needs a C++ compiler")
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor, scale: float) -> float:
-    return float((a - b).abs().max()) / max(scale, 1.0) if a.numel() else 0.0
 
 
 def _check_valid(graph, loads, flow, rank_load):
@@ -38,11 +34,11 @@ def test_same_answer_as_reference_on_600_instances():
         got = emu.solve_host(inst.graph, inst.loads)
         assert bool(got.status.all()) == ref.certified, inst.name
         scale = float(inst.loads.max())
-        d = _rel(got.edge_flow, ref.edge_flow, scale)
+        d = rel_diff(got.edge_flow, ref.edge_flow, scale)
         worst = max(worst, d)
         assert d <= 1e-9, (inst.name, d)
         _check_valid(inst.graph, inst.loads, got.edge_flow, got.rank_load)
-        assert _rel(got.rank_load, ref.rank_loads, scale) <= 1e-9
+        assert rel_diff(got.rank_load, ref.rank_loads, scale) <= 1e-9
     assert worst <= 1e-9
 
 
@@ -73,7 +69,7 @@ def test_large_component(n_ranks):
     got = emu.solve_host(g, loads)
     assert int(got.arrays.max_ranks) >= 0.75 * n_ranks
     assert bool(got.status.all()) == ref.certified
-    assert _rel(got.edge_flow, ref.edge_flow, float(loads.max())) <= 1e-9
+    assert rel_diff(got.edge_flow, ref.edge_flow, float(loads.max())) <= 1e-9
 
 
 def test_degenerate_inputs_and_no_movable_expert():
@@ -89,7 +85,7 @@ def test_degenerate_inputs_and_no_movable_expert():
         ref = solve_exact(g, loads)
         got = emu.solve_host(g, loads)
         assert got.status.all()
-        assert _rel(got.edge_flow, ref.edge_flow, float(loads.max())) <= 1e-9
+        assert rel_diff(got.edge_flow, ref.edge_flow, float(loads.max())) <= 1e-9
     p = ExpertPlacement.from_phy2log(torch.arange(8), 4, 8)
     g = SplitGraph.from_placement(p)
     got = emu.solve_host(g, torch.arange(8, dtype=torch.float64))
@@ -121,26 +117,5 @@ def test_upstream_topologies_certify_in_one_round_usually():
     assert sum(r <= 1 for r in rounds) >= 0.8 * len(rounds)
 
 
-
-def failed_attempts_check(method: str, usable=lambda graph: True) -> int:
-    """Components that certify only in a later round: each failed attempt stops as soon
-    as the projection's dual proves its bound too low (exact::project), so together
-    they cost fewer Newton iterations than one attempt's cap (30); before that check
-    they ran to the cap (on these instances the reference took 34-66 iterations).
-    Returns how many such components were seen."""
-    seen = 0
-    for inst in instances(42, seed=11):
-        if not usable(inst.graph):
-            continue
-        got = emu.solve_host(inst.graph, inst.loads, method)
-        ref = solve_exact(inst.graph, inst.loads)
-        assert _rel(got.edge_flow, ref.edge_flow, float(inst.loads.max())) <= 1e-9, inst.name
-        for rounds, newton in got.iters.tolist():
-            if rounds >= 2:
-                seen += 1
-                assert newton < 30 * (rounds - 1), (inst.name, rounds, newton)
-    return seen
-
-
 def test_failed_attempts_stop_early():
-    assert failed_attempts_check("exact") >= 1
+    assert emu.failed_attempts_check("exact") >= 1

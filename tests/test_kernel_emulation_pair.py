@@ -12,17 +12,13 @@ import pytest
 import torch
 
 import kernel_emulation as emu
-from instances import instances, mult2_placement
+from instances import instances, mult2_placement, rel_diff
 from lplb_plugin.component_arrays import ComponentArrays
 from lplb_plugin.layout import ExpertPlacement
 from lplb_plugin.problem import SplitGraph
 from lplb_plugin.solvers.exact import solve_exact
 
 pytestmark = pytest.mark.skipif(emu.compiler() is None, reason="needs a C++ compiler")
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor, scale: float) -> float:
-    return float((a - b).abs().max()) / max(scale, 1.0) if a.numel() else 0.0
 
 
 def _pair_solvable(graph: SplitGraph) -> bool:
@@ -43,11 +39,11 @@ def test_same_answer_as_reference_and_general_kernel():
         scale = float(inst.loads.max())
         assert bool(got.status.all()) == ref.certified, inst.name
         assert (got.status == gen.status).all() and (got.iters[:, 0] == gen.iters[:, 0]).all(), inst.name
-        d = _rel(got.edge_flow, ref.edge_flow, scale)
+        d = rel_diff(got.edge_flow, ref.edge_flow, scale)
         worst = max(worst, d)
         assert d <= 1e-9, (inst.name, d)
-        assert _rel(got.edge_flow, gen.edge_flow, scale) <= 1e-10, inst.name
-        assert _rel(got.rank_load, ref.rank_loads, scale) <= 1e-9, inst.name
+        assert rel_diff(got.edge_flow, gen.edge_flow, scale) <= 1e-10, inst.name
+        assert rel_diff(got.rank_load, ref.rank_loads, scale) <= 1e-9, inst.name
         assert abs(got.bound - gen.bound).max() <= 1e-12 * max(scale, 1.0), inst.name
     assert seen >= 100, seen
     print(f"pair solver: {seen} two-copy instances, worst relative flow difference {worst:.2e}")
@@ -65,7 +61,7 @@ def test_edge_multiplicity_two_and_fallback():
         ref = solve_exact(g, loads)
         got = emu.solve_host(g, loads, "pair")
         assert bool(got.status.all()) == ref.certified
-        assert _rel(got.edge_flow, ref.edge_flow, float(loads.max())) <= 1e-9
+        assert rel_diff(got.edge_flow, ref.edge_flow, float(loads.max())) <= 1e-9
     # no certification round: the even split, reported as a fallback
     loads = loads.clamp_min(1.0)
     got = emu.solve_host(g, loads, "pair", max_rounds=0)
@@ -101,11 +97,9 @@ def test_degenerate_placements(case):
         ref = solve_exact(g, loads)
         got = emu.solve_host(g, loads, "pair")
         assert bool(got.status.all()) and ref.certified
-        assert _rel(got.edge_flow, ref.edge_flow, float(loads.max())) <= 1e-12
-        assert _rel(got.rank_load, ref.rank_loads, float(loads.max())) <= 1e-12
+        assert rel_diff(got.edge_flow, ref.edge_flow, float(loads.max())) <= 1e-12
+        assert rel_diff(got.rank_load, ref.rank_loads, float(loads.max())) <= 1e-12
 
 
 def test_failed_attempts_stop_early():
-    from test_kernel_emulation_exact import failed_attempts_check
-
-    assert failed_attempts_check("pair", _pair_solvable) >= 1
+    assert emu.failed_attempts_check("pair", _pair_solvable) >= 1

@@ -6,7 +6,7 @@ import logging
 import pytest
 import torch
 
-from instances import instances, mult2_placement, random_placement, topology_placements
+from instances import instances, mult2_placement, random_placement, rel_diff, topology_placements
 from lplb_plugin import Planner, kernels, topology
 from lplb_plugin.errors import LPLBInputError
 from lplb_plugin.layout import ExpertPlacement
@@ -25,10 +25,6 @@ def _solver(inst_or_placement, graph=None):
     return kernels.DeviceSolver(g, p.log2phy, p.logcnt, torch.device("cuda")), g, p
 
 
-def _rel(a, b, scale):
-    return float((a - b).abs().max()) / max(scale, 1.0) if a.numel() else 0.0
-
-
 @pytest.mark.parametrize("use_pair", [True, False], ids=["one-warp-two-copy", "general"])
 def test_exact_kernel_matches_reference_on_300_instances(use_pair):
     worst = 0.0
@@ -39,10 +35,10 @@ def test_exact_kernel_matches_reference_on_300_instances(use_pair):
         ref = solve_exact(g, inst.loads)
         scale = float(inst.loads.max())
         assert bool(split.status.all()) == ref.certified, inst.name
-        d = _rel(split.edge_flow.cpu(), ref.edge_flow, scale)
+        d = rel_diff(split.edge_flow.cpu(), ref.edge_flow, scale)
         worst = max(worst, d)
         assert d <= 1e-9, (inst.name, d)
-        assert _rel(split.rank_loads.cpu(), ref.rank_loads, scale) <= 1e-9
+        assert rel_diff(split.rank_loads.cpu(), ref.rank_loads, scale) <= 1e-9
         # x and the copy shares are the reference's functions of the kernel's flow
         x = g.slot_split(inst.loads, split.edge_flow.cpu())
         assert torch.allclose(split.x.cpu(), x, rtol=1e-15, atol=0)
@@ -64,8 +60,8 @@ def _two_copy_placements():
 def test_one_warp_two_copy_solver_equals_general_kernel():
     """Same answer, certificate and bound as the general exact kernel and the reference,
     on every two-copy placement, with random and profile-like loads; the component
-    sizes cover the register (<= 8 ranks) and shared-memory (9-32 ranks) solves and
-    the general kernel (> 32 ranks) beside it."""
+    sizes cover the one-warp solver (8 and 9-32 ranks) and the general kernel (> 32
+    ranks) beside it."""
     gen = torch.Generator().manual_seed(5)
     seen_pair = 0
     for name, p in _two_copy_placements():
@@ -86,11 +82,11 @@ def test_one_warp_two_copy_solver_equals_general_kernel():
             ref = solve_exact(g, loads)
             scale = float(loads.max())
             assert torch.equal(a.status, b.status) and bool(a.status.all()) == ref.certified, (name, k)
-            assert _rel(a.edge_flow.cpu(), b.edge_flow.cpu(), scale) <= 1e-10, (name, k)
+            assert rel_diff(a.edge_flow.cpu(), b.edge_flow.cpu(), scale) <= 1e-10, (name, k)
             assert torch.allclose(a.bound, b.bound, rtol=1e-12, atol=0), (name, k)
             if ref.certified:  # the unique answer
-                assert _rel(a.edge_flow.cpu(), ref.edge_flow, scale) <= 1e-9, (name, k)
-                assert _rel(a.rank_loads.cpu(), ref.rank_loads, scale) <= 1e-9, (name, k)
+                assert rel_diff(a.edge_flow.cpu(), ref.edge_flow, scale) <= 1e-9, (name, k)
+                assert rel_diff(a.rank_loads.cpu(), ref.rank_loads, scale) <= 1e-9, (name, k)
             else:  # (loads spanning ~27 orders of magnitude) a fallback: valid, not unique
                 flow = a.edge_flow.cpu()
                 sums = torch.zeros(g.n_movable, dtype=torch.float64).index_add_(0, g.edge_expert, flow)
@@ -124,7 +120,7 @@ def test_large_components(n_ranks):
     split = ds.solve(loads.cuda())
     ref = solve_exact(g, loads)
     assert bool(split.status.all()) == ref.certified
-    assert _rel(split.edge_flow.cpu(), ref.edge_flow, float(loads.max())) <= 1e-9
+    assert rel_diff(split.edge_flow.cpu(), ref.edge_flow, float(loads.max())) <= 1e-9
 
 
 def test_fallback_is_reported_and_valid():
