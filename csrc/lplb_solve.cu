@@ -1,5 +1,6 @@
 // Solve kernels: one thread block per connected component of the replica graph
-// (solve_exact.cuh, solve_ipm.cuh), then one thread per logical expert turns the edge flow into the
+// (solve_exact.cuh, solve_ipm.cuh; one warp for small two-copy components:
+// solve_pair.cuh, solve_ipm_pair.cuh), then one thread per logical expert turns the edge flow into the
 // per-slot split and the cumulative copy shares the map kernel reads.  No host sync.
 #include <cuda_runtime.h>
 
@@ -7,6 +8,7 @@
 #include "pdl.cuh"
 #include "solve_exact.cuh"
 #include "solve_ipm.cuh"
+#include "solve_ipm_pair.cuh"
 #include "solve_pair.cuh"
 
 namespace lplb {
@@ -75,6 +77,25 @@ __global__ void __launch_bounds__(kIpmThreads, 1) ipm_kernel(CompArrays a, const
   if (!kInside) w.schur = schur_global + static_cast<size_t>(c) * schur_stride;
   const ipm::Result r = ipm::solve(team, v, loads, w, max_iters, tol);
   write_out(team, v, c, w.flow, w.load, r.converged, r.objective, r.iterations, 0, out);
+}
+
+// The IPM in one warp per component, every component small and two-copy
+// (solve_ipm_pair.cuh); J experts per lane, the factor in registers for at most NR
+// ranks (0: in shared memory).
+template <int J, int NR, typename T>
+__global__ void __launch_bounds__(32, 1) ipm_pair_kernel(CompArrays a, const T* loads, int max_iters, double tol,
+                                                      SolveOut out) {
+  extern __shared__ double smem[];
+  pdl_trigger();  // the slots kernel may start (it waits for this one's end)
+  const int c = blockIdx.x;
+  blk::Team team{smem};
+  const View v = View::of(a, c);
+  ipm_pair::Smem sm;
+  ipm_pair::Smem::layout(&sm, reinterpret_cast<char*>(smem + kRedDoubles), v.R, v.E);
+#if defined(__CUDA_ARCH__)  // (ipm_pair::solve is device code only)
+  const ipm::Result r = ipm_pair::solve<J, NR>(v, loads, sm, max_iters, tol);
+  write_out(team, v, c, sm.flow, sm.load, r.converged, r.objective, r.iterations, 0, out);
+#endif
 }
 
 // One block's scratch in bytes (after the reduction head) for `method`.
@@ -162,7 +183,17 @@ cudaError_t launch(const CompArrays& a, const SolveSizes& sz, const T* loads, in
   const size_t smem = head + work_bytes(method, sz, inside);
   double* schur = inside ? nullptr : schur_global;
   const int stride = sz.max_ranks * sz.max_ranks;
-  if (method == 1) {
+  const bool small_pairs = inside && sz.two_copy && sz.max_ranks <= pair::kMaxRanks &&
+                           sz.max_experts <= pair::kMaxExperts;
+  if (method == 1 && small_pairs) {
+    const size_t bytes = head + ipm_pair::Smem::layout(nullptr, nullptr, sz.max_ranks, sz.max_edges);
+    const bool j1 = sz.max_experts <= 32;
+    auto kernel = sz.max_ranks <= 8    ? (j1 ? ipm_pair_kernel<1, 8, T> : ipm_pair_kernel<2, 8, T>)
+                  : sz.max_ranks <= 16 ? (j1 ? ipm_pair_kernel<1, 16, T> : ipm_pair_kernel<2, 16, T>)
+                                       : (j1 ? ipm_pair_kernel<1, 0, T> : ipm_pair_kernel<2, 0, T>);
+    if (cudaError_t err = allow_smem(kernel, bytes); err != cudaSuccess) return err;
+    kernel<<<a.n_comp, 32, bytes, stream>>>(a, loads, ipm_max_iters, ipm_tol, out);
+  } else if (method == 1) {
     auto kernel = inside ? ipm_kernel<T, true> : ipm_kernel<T, false>;
     if (cudaError_t err = allow_smem(kernel, smem); err != cudaSuccess) return err;
     kernel<<<a.n_comp, kIpmThreads, smem, stream>>>(a, loads, ipm_max_iters, ipm_tol, out, schur, stride);
@@ -171,7 +202,7 @@ cudaError_t launch(const CompArrays& a, const SolveSizes& sz, const T* loads, in
     const size_t work = work_bytes(0, sz, inside);
     const size_t staged = ((View::staged_ints(sz.max_ranks, sz.max_experts, sz.max_edges) * sizeof(int) + 7) / 8) * 8;
     const size_t bytes = head + work + staged;
-    if (inside && sz.two_copy && sz.max_ranks <= pair::kMaxRanks && sz.max_experts <= pair::kMaxExperts) {
+    if (small_pairs) {
       auto kernel = sz.max_experts <= 32 ? pair_kernel<1, T> : pair_kernel<2, T>;
       if (cudaError_t err = allow_smem(kernel, bytes); err != cudaSuccess) return err;
       kernel<<<a.n_comp, 32, bytes, stream>>>(a, loads, lipschitz, max_rounds, out, work);

@@ -9,6 +9,7 @@
 #define LPLB_WARP_EMULATION
 #include "warp_emulation.h"
 #include "solve_pair.cuh"
+#include "solve_ipm_pair.cuh"
 
 namespace {
 
@@ -105,6 +106,44 @@ int lplb_solve_ipm_host(LPLB_HOST_ARRAYS, const double* loads, int max_iters, do
     const std::vector<double> buf = scratch(w, v);
     const lplb::ipm::Result r = lplb::ipm::solve(team, v, loads, w, max_iters, tol);
     lplb::write_out(team, v, c, w.flow, w.load, r.converged, r.objective, r.iterations, 0, out);
+  });
+  return 0;
+}
+
+// The IPM's one-warp two-copy solver (csrc/solve_ipm_pair.cuh), its warp emulated by
+// 32 host threads: same arrays, options and outputs as lplb_solve_ipm_host; every
+// component must be two-copy and within pair::kMax*.  Returns 0, or 1 when a
+// component is too large.
+int lplb_solve_ipm_pair_host(LPLB_HOST_ARRAYS, const double* loads, int max_iters, double tol, LPLB_HOST_OUT) {
+  LPLB_HOST_STRUCTS;
+  int max_m = 0, max_r = 0;
+  for (int c = 0; c < n_comp; ++c) {
+    const lplb::View v = lplb::View::of(a, c);
+    if (v.R > lplb::pair::kMaxRanks || v.M > lplb::pair::kMaxExperts) return 1;
+    max_m = v.M > max_m ? v.M : max_m;
+    max_r = v.R > max_r ? v.R : max_r;
+  }
+  // J and the factor's registers (NR) as the CUDA launcher picks them
+  auto solve_one = [&](const lplb::View& v, const lplb::ipm_pair::Smem& sm) {
+    namespace ip = lplb::ipm_pair;
+    if (max_m <= 32)
+      return max_r <= 8    ? ip::solve<1, 8>(v, loads, sm, max_iters, tol)
+             : max_r <= 16 ? ip::solve<1, 16>(v, loads, sm, max_iters, tol)
+                           : ip::solve<1, 0>(v, loads, sm, max_iters, tol);
+    return max_r <= 8    ? ip::solve<2, 8>(v, loads, sm, max_iters, tol)
+           : max_r <= 16 ? ip::solve<2, 16>(v, loads, sm, max_iters, tol)
+                         : ip::solve<2, 0>(v, loads, sm, max_iters, tol);
+  };
+  each_component(a, [&](const lplb::blk::Team& team, const lplb::View& v, int c) {
+    std::vector<double> buf(lplb::ipm_pair::Smem::layout(nullptr, nullptr, v.R, v.E) / sizeof(double) + 1);
+    lplb::ipm_pair::Smem sm;
+    lplb::ipm_pair::Smem::layout(&sm, reinterpret_cast<char*>(buf.data()), v.R, v.E);
+    lplb::ipm::Result r{};
+    lplb::emu::run_warp([&] {
+      const lplb::ipm::Result lane_r = solve_one(v, sm);
+      if (lplb::emu::t_lane == 0) r = lane_r;
+    });
+    lplb::write_out(team, v, c, sm.flow, sm.load, r.converged, r.objective, r.iterations, 0, out);
   });
   return 0;
 }

@@ -366,11 +366,30 @@ LPLB_HD void direction(const blk::Team& t, const View& v, const Work& w, bool co
 }
 
 // ---------------------------------------------------------------- driver
+#if defined(LPLB_PROF) && defined(__CUDA_ARCH__)  // phase timers (-DLPLB_PROF): one printf per block
+struct Prof {
+  long long acc[12] = {0};
+  long long last = 0;
+  __device__ void tick(int k) {
+    __syncthreads();
+    const long long now = clock64();
+    if (last) acc[k] += now - last;
+    last = now;
+  }
+};
+#define LPLB_ITICK(P, k) (P).tick(k)
+#else
+struct Prof {};
+#define LPLB_ITICK(P, k) ((void)0)
+#endif
+
 // Solves the component; the split ends in w.flow, its loads in w.load.
 template <typename T>
 LPLB_HD Result solve(const blk::Team& t, const View& v, const T* loads, const Work& w, int max_iters, double tol) {
   const int R = v.R, M = v.M, E = v.E;
   Result res{1, 0, 0.0};
+  [[maybe_unused]] Prof P;
+  LPLB_ITICK(P, 0);
   // original fixed loads and demands; the scale is the mean rank load
   double sum_f, sum_c;
   blk::reduce2(t, R + M, [&](int i, double& a, double& b) {
@@ -466,9 +485,13 @@ LPLB_HD Result solve(const blk::Team& t, const View& v, const T* loads, const Wo
     bool move = false, converged = false;
     for (;;) {
       // ---- apply the step (none in the first round), residuals and the Newton data
+      LPLB_ITICK(P, 0);
       update(t, v, w, move, ap, ad, mu5);
+      LPLB_ITICK(P, 1);
       experts(t, v, w, move, ad);
+      LPLB_ITICK(P, 2);
       ranks(t, v, w, move, ad, Tv, mr);
+      LPLB_ITICK(P, 3);
       const double rT = 1.0 - mu5[2];
       const double nu = mr[0] / (static_cast<double>(R) * R);
       // ---- stop test; keep the best iterate (merit = max of the three measures); the
@@ -494,8 +517,11 @@ LPLB_HD Result solve(const blk::Team& t, const View& v, const T* loads, const Wo
         if (better) blk::pfor(t, E, [&](int e) { w.best[e] = w.y[e]; });
         break;
       }
+      LPLB_ITICK(P, 10);
       assemble(t, v, w, nu, 0, 0.0, better);
+      LPLB_ITICK(P, 4);
       const bool factored = factor(t, v, w, nu);
+      LPLB_ITICK(P, 5);
       ++res.iterations;
       if (!factored) break;  // no usable factor: the reference's step is not finite
       const double mu = mu5[3] / n_var;
@@ -505,11 +531,15 @@ LPLB_HD Result solve(const blk::Team& t, const View& v, const T* loads, const Wo
       LPLB_PRAGMA(unroll 1)  // one copy of the code for both phases
       for (int phase = 0; phase < 2; ++phase) {
         const bool corr = phase == 1;
+        LPLB_ITICK(P, 10);
         if (corr) corrector_rhs(t, v, w, smu);
+        LPLB_ITICK(P, 6);
         blk::ldlt_subst(t, w.schur, R, R, w.u1, corr ? nullptr : w.u2, us);
+        LPLB_ITICK(P, 7);
         if (!corr) u2sum = us[1];
         dTp = (us[0] - rT) / u2sum;
         direction(t, v, w, corr, smu, dTp, dir);
+        LPLB_ITICK(P, 8);
         if (!corr) {
           const double pa = step_to_boundary(dir[0], 1.0), pd = step_to_boundary(dir[1], 1.0);
           // sum (x + ap dx)(z + ad dz), expanded
@@ -560,6 +590,14 @@ LPLB_HD Result solve(const blk::Team& t, const View& v, const T* loads, const Wo
     w.load[r] = load;
     return load;
   });
+  LPLB_ITICK(P, 9);
+#if defined(LPLB_PROF) && defined(__CUDA_ARCH__)
+  if (threadIdx.x == 0)
+    printf("iprof blk %d R %d M %d E %d its %d: start %lld update %lld experts %lld ranks %lld assemble %lld "
+           "factor %lld crhs %lld subst %lld dir %lld final %lld other %lld\n",
+           blockIdx.x, R, M, E, res.iterations, P.acc[0], P.acc[1], P.acc[2], P.acc[3], P.acc[4], P.acc[5],
+           P.acc[6], P.acc[7], P.acc[8], P.acc[9], P.acc[10]);
+#endif
   return res;
 }
 

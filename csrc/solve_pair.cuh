@@ -132,6 +132,7 @@ struct Smem {
 // Registers of one lane: its rank (lane < R) and its experts j (m = lane + 32 j < M).
 template <int J>
 struct Lane {
+  static constexpr int kJ = J;
   // rank
   bool has_rank;
   int deg;
@@ -151,8 +152,8 @@ struct Lane {
 
 // Per-rank sums over the rank's edges (rank_edges order, as exact::rank_loads) of one
 // or two per-edge arrays written by the experts before the call.
-template <int J>
-__device__ __forceinline__ double rank_sum(const View& v, const Lane<J>& L, const double* val) {
+template <typename Ln>
+__device__ __forceinline__ double rank_sum(const View& v, const Ln& L, const double* val) {
   __syncwarp();
   double s = 0.0;
 LPLB_PRAGMA(unroll)
@@ -163,9 +164,9 @@ LPLB_PRAGMA(unroll)
   return s;
 }
 
-template <int J>
-__device__ __forceinline__ void rank_sum2(const View& v, const Lane<J>& L, const double* a, const double* b,
-                                          double& sa, double& sb) {
+template <typename Ln>
+__device__ __forceinline__ void rank_sum2(const View& v, const Ln& L, const double* a, const double* b, double& sa,
+                                          double& sb) {
   __syncwarp();
   sa = 0.0;
   sb = 0.0;
@@ -184,10 +185,10 @@ LPLB_PRAGMA(unroll)
 
 // Each expert's two edge values into arr (edges 2m and 2m + 1).  f runs on every lane
 // for every j (it may shuffle); only present experts store.
-template <int J, typename F>
-__device__ __forceinline__ void put_edges(const Lane<J>& L, double* arr, F&& f) {
+template <typename Ln, typename F>
+__device__ __forceinline__ void put_edges(const Ln& L, double* arr, F&& f) {
 LPLB_PRAGMA(unroll)
-  for (int j = 0; j < J; ++j) {
+  for (int j = 0; j < Ln::kJ; ++j) {
     const int m = threadIdx.x + 32 * j;
     double e0, e1;
     f(j, e0, e1);
@@ -199,10 +200,50 @@ LPLB_PRAGMA(unroll)
 }
 
 // A rank lane's register at each expert's two ranks.
-template <int J>
-__device__ __forceinline__ void at_ranks(const Lane<J>& L, double rank_val, int j, double& va, double& vb) {
+template <typename Ln>
+__device__ __forceinline__ void at_ranks(const Ln& L, double rank_val, int j, double& va, double& vb) {
   va = __shfl_sync(kFull, rank_val, L.ra[j]);
   vb = __shfl_sync(kFull, rank_val, L.rb[j]);
+}
+
+// A lane's rank (lane < R: its edges, up to kMaxDegree in registers, and its fixed
+// load) and its experts (lane + 32 j < M: their two ranks and slots), with each
+// expert's demand in dem[j]; 0 where absent.
+template <typename Ln, typename T>
+__device__ __forceinline__ void setup_lane(const View& v, const T* loads, Ln& L, double (&dem)[Ln::kJ]) {
+  const int lane = threadIdx.x;
+  L.has_rank = lane < v.R;
+  const int lo = L.has_rank ? v.rank_ptr[lane] : 0, hi = L.has_rank ? v.rank_ptr[lane + 1] : 0;
+  L.deg = hi - lo < kMaxDegree ? hi - lo : kMaxDegree;
+LPLB_PRAGMA(unroll)
+  for (int q = 0; q < kMaxDegree; ++q) {
+    L.edges[q] = q < L.deg ? v.rank_edges[lo + q] : 0;
+    L.partner[q] = q < L.deg ? v.edge_rank[L.edges[q] ^ 1] : 0;
+  }
+  L.more_lo = lo + L.deg;
+  L.more_hi = hi;
+  {
+    // Fixed loads: G = 32 / Rp lanes per rank (Rp: R rounded up to a power of two), each
+    // summing every G-th entry of the rank's list, then a butterfly over those lanes.
+    // A rank may own dozens of fixed experts (EP8: 32), and one lane walking the list
+    // waits on two dependent global loads per entry (measured: ~15k cycles at EP8).
+    int Rp = 1;
+    while (Rp < v.R) Rp <<= 1;
+    const int rr = lane & (Rp - 1), G = 32 / Rp;
+    double fs = rr < v.R ? fixed_load(v, loads, rr, lane / Rp, G) : 0.0;
+    for (int off = Rp; off < 32; off <<= 1) fs += __shfl_xor_sync(kFull, fs, off);
+    L.fixed = L.has_rank ? fs : 0.0;
+  }
+LPLB_PRAGMA(unroll)
+  for (int j = 0; j < Ln::kJ; ++j) {
+    const int m = lane + 32 * j;
+    L.has[j] = m < v.M;
+    L.ra[j] = L.has[j] ? v.edge_rank[2 * m] : 0;
+    L.rb[j] = L.has[j] ? v.edge_rank[2 * m + 1] : 0;
+    L.ma[j] = L.has[j] ? static_cast<double>(v.edge_mult[2 * m]) : 0.0;
+    L.mb[j] = L.has[j] ? static_cast<double>(v.edge_mult[2 * m + 1]) : 0.0;
+    dem[j] = L.has[j] ? static_cast<double>(loads[v.exp_log[m]]) : 0.0;
+  }
 }
 
 // Loads of a flow (f(j, e0, e1) gives expert j's edge flows) into L.load; returns
@@ -474,41 +515,13 @@ __device__ exact::Result solve(const View& v, const T* loads, const exact::Work&
   const Smem sm{w.flow, w.wt, w.g_a, w.d_alpha, w.schur, w.gain, w.cpos, w.cown};
   const int lane = threadIdx.x;
   Lane<J> L;
-  L.has_rank = lane < v.R;
-  const int lo = L.has_rank ? v.rank_ptr[lane] : 0, hi = L.has_rank ? v.rank_ptr[lane + 1] : 0;
-  L.deg = hi - lo < kMaxDegree ? hi - lo : kMaxDegree;
-LPLB_PRAGMA(unroll)
-  for (int q = 0; q < kMaxDegree; ++q) {
-    L.edges[q] = q < L.deg ? v.rank_edges[lo + q] : 0;
-    L.partner[q] = q < L.deg ? v.edge_rank[L.edges[q] ^ 1] : 0;
-  }
-  L.more_lo = lo + L.deg;
-  L.more_hi = hi;
-  {
-    // Fixed loads: G = 32 / Rp lanes per rank (Rp: R rounded up to a power of two), each
-    // summing every G-th entry of the rank's list, then a butterfly over those lanes.
-    // A rank may own dozens of fixed experts (EP8: 32), and one lane walking the list
-    // waits on two dependent global loads per entry (measured: ~15k cycles at EP8).
-    int Rp = 1;
-    while (Rp < v.R) Rp <<= 1;
-    const int rr = lane & (Rp - 1), G = 32 / Rp;
-    double fs = rr < v.R ? fixed_load(v, loads, rr, lane / Rp, G) : 0.0;
-    for (int off = Rp; off < 32; off <<= 1) fs += __shfl_xor_sync(kFull, fs, off);
-    L.fixed = L.has_rank ? fs : 0.0;
-  }
+  setup_lane(v, loads, L, L.c);
   L.load = L.fixed;
   L.beta = L.d_b = L.g_b = L.cap = 0.0;
   L.active = L.sticky = L.was_released = L.pinned = false;
   double cmax = -HUGE_VAL;
 LPLB_PRAGMA(unroll)
   for (int j = 0; j < J; ++j) {
-    const int m = lane + 32 * j;
-    L.has[j] = m < v.M;
-    L.ra[j] = L.has[j] ? v.edge_rank[2 * m] : 0;
-    L.rb[j] = L.has[j] ? v.edge_rank[2 * m + 1] : 0;
-    L.ma[j] = L.has[j] ? static_cast<double>(v.edge_mult[2 * m]) : 0.0;
-    L.mb[j] = L.has[j] ? static_cast<double>(v.edge_mult[2 * m + 1]) : 0.0;
-    L.c[j] = L.has[j] ? static_cast<double>(loads[v.exp_log[m]]) : 0.0;
     const double slots = L.ma[j] + L.mb[j];
     L.x0[j] = L.c[j] / (slots > 1.0 ? slots : 1.0);
     L.y0[j] = L.z0[j] = L.b0[j] = L.ma[j] * L.x0[j];

@@ -1,6 +1,7 @@
-"""The exact kernel's one-warp two-copy solver (csrc/solve_pair.cuh), built for the CPU
-with its warp emulated by 32 threads (csrc/warp_emulation.h), against the numpy
-reference and against the general kernel's CPU build.
+"""The one-warp two-copy solvers, exact (csrc/solve_pair.cuh) and IPM
+(csrc/solve_ipm_pair.cuh), built for the CPU with their warp emulated by 32 threads
+(csrc/warp_emulation.h), against the references and against the general kernels' CPU
+builds.
 
 The emulation also checks that every shuffle and __syncwarp is reached by all 32 lanes
 from the same line (a divergent one aborts), so a warp-synchronisation bug that would
@@ -17,6 +18,7 @@ from lplb_plugin.component_arrays import ComponentArrays
 from lplb_plugin.layout import ExpertPlacement
 from lplb_plugin.problem import SplitGraph
 from lplb_plugin.solvers.exact import solve_exact
+from lplb_plugin.solvers.ipm import solve_ipm
 
 pytestmark = pytest.mark.skipif(emu.compiler() is None, reason="needs a C++ compiler")
 
@@ -103,3 +105,56 @@ def test_degenerate_placements(case):
 
 def test_failed_attempts_stop_early():
     assert emu.failed_attempts_check("pair", _pair_solvable) >= 1
+
+
+# ---------------------------------------------------------------------------- ipm
+# csrc/solve_ipm_pair.cuh runs ipm::solve's iteration with the same formulas in the
+# same order; only sums in another order and the elimination's arithmetic differ, so
+# iteration counts and status must be equal and values equal to rounding.
+
+
+def _ipm_pair_vs_general(graph, loads, **options):
+    got = emu.solve_host(graph, loads, "ipm_pair", **options)
+    gen = emu.solve_host(graph, loads, "ipm", **options)
+    scale = max(float(gen.bound.max()) if gen.bound.size else 0.0, 1e-12)
+    assert (got.status == gen.status).all() and (got.iters == gen.iters).all()
+    assert rel_diff(got.edge_flow, gen.edge_flow, scale) <= 1e-10
+    assert rel_diff(got.rank_load, gen.rank_load, scale) <= 1e-10
+    assert abs(got.bound - gen.bound).max() <= 1e-12 * scale
+    return got
+
+
+def test_ipm_same_iterations_as_general_kernel_and_torch_objective():
+    seen = 0
+    for inst in instances(120, seed=7):
+        if not _pair_solvable(inst.graph):
+            continue
+        seen += 1
+        got = _ipm_pair_vs_general(inst.graph, inst.loads)
+        ref = solve_ipm(inst.graph, inst.loads)
+        assert bool(got.status.all()) == ref.converged, inst.name
+        assert abs(float(got.bound.max()) - ref.objective) <= 1e-5 * max(abs(ref.objective), 1e-12), inst.name
+    assert seen >= 40, seen
+
+
+def test_ipm_caps_zero_loads_and_multiplicity_two():
+    p = mult2_placement()
+    g = SplitGraph.from_placement(p)
+    gen = torch.Generator().manual_seed(3)
+    loads = (torch.rand(40, generator=gen, dtype=torch.float64) ** 3) * 1000
+    for cap in (0, 1, 2, 100):  # 0: the starting point, finalised
+        got = _ipm_pair_vs_general(g, loads, max_iters=cap)
+        assert int(got.iters[:, 0].max()) <= cap
+    zero = _ipm_pair_vs_general(g, torch.zeros(40, dtype=torch.float64))
+    assert bool(zero.status.all()) and float(zero.edge_flow.abs().max()) == 0.0
+    # a loaded expert with its two copies on idle ranks: the even split's start
+    one = torch.zeros(40, dtype=torch.float64)
+    one[int(g.movable[0])] = 7.0
+    _ipm_pair_vs_general(g, one)
+
+
+def test_ipm_components_too_large_are_refused():
+    inst = next(i for i in instances(400, seed=17) if not _pair_solvable(i.graph) and
+                ComponentArrays.from_graph(i.graph).two_copy)
+    with pytest.raises(AssertionError):
+        emu.solve_host(inst.graph, inst.loads, "ipm_pair")

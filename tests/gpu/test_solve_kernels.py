@@ -102,6 +102,37 @@ def test_one_warp_two_copy_solver_equals_general_kernel():
     assert seen_pair >= 10
 
 
+def test_one_warp_ipm_equals_general_ipm_kernel():
+    """The IPM's one-warp two-copy solver runs the general IPM kernel's iteration:
+    same iteration counts and status, objective and flows equal to rounding, on every
+    two-copy placement (components of 8-32 ranks take it, larger ones the general
+    kernel), with random loads, zero loads and an iteration cap of 0 and 2."""
+    gen = torch.Generator().manual_seed(6)
+    seen_pair = 0
+    for name, p in _two_copy_placements():
+        ds, g, _ = _solver(p)
+        seen_pair += ds.arrays.max_ranks <= 32
+        for k in range(6):
+            L = p.n_logical
+            loads = (torch.rand(L, generator=gen, dtype=torch.float64) ** (1 + 3 * k)) * 10 ** (2 + k % 3)
+            if k % 2:
+                loads = loads.round()
+            if k == 5:
+                loads[torch.rand(L, generator=gen) < 0.3] = 0.0
+            for cap in (100, 0, 2):
+                ds.use_pair = True
+                a = ds.solve(loads.cuda(), "ipm", ipm_max_iters=cap)
+                ds.use_pair = False
+                b = ds.solve(loads.cuda(), "ipm", ipm_max_iters=cap)
+                scale = max(float(b.bound.max()), 1e-12)
+                assert torch.equal(a.status, b.status) and torch.equal(a.iters, b.iters), (name, k, cap)
+                assert rel_diff(a.edge_flow.cpu(), b.edge_flow.cpu(), scale) <= 1e-10, (name, k, cap)
+                assert float((a.bound - b.bound).abs().max()) <= 1e-12 * scale, (name, k, cap)
+        zero = ds.solve(torch.zeros(p.n_logical, dtype=torch.float64, device="cuda"), "ipm")
+        assert bool(zero.status.all()) and float(zero.edge_flow.abs().max()) == 0.0, name
+    assert seen_pair >= 10
+
+
 def test_int32_and_float64_loads_agree():
     inst = next(iter(instances(1, seed=3)))
     ds, _, _ = _solver(inst, inst.graph)
@@ -138,10 +169,12 @@ def test_fallback_is_reported_and_valid():
     assert n_bad > 0 and totals.cpu().tolist() == [3, 5 + n_bad]
 
 
-def test_ipm_kernel_matches_torch_ipm():
+@pytest.mark.parametrize("use_pair", [True, False], ids=["one-warp-two-copy", "general"])
+def test_ipm_kernel_matches_torch_ipm(use_pair):
     worst = 0.0
     for inst in instances(120, seed=8):
         ds, g, _ = _solver(inst, inst.graph)
+        ds.use_pair = use_pair and ds.use_pair
         split = ds.solve(inst.loads.cuda(), "ipm")
         ref = solve_ipm(g, inst.loads)
         fixed = g.fixed_loads(inst.loads)

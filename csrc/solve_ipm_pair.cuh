@@ -1,0 +1,696 @@
+// The IPM (solve_ipm.cuh) for a small two-copy component in one warp: the same
+// Mehrotra iteration, the same formulas in the same order, with the component kept
+// in registers the way solve_pair.cuh keeps it for the exact method.
+//
+// Why: ipm::solve spends its time in block barriers and reductions, not arithmetic.
+// Its ~15 passes per iteration each cost 1-3k cycles on an 8-rank component (clock64
+// profile on H200, cube EP32: 30k cycles per iteration, 5 iterations).  Here a lane
+// holds one rank and up to two experts with their two edges, every pass is register
+// arithmetic plus shuffles, and the only shared memory is the per-edge values a rank
+// sums over its edges and the R x R Schur matrix.
+//
+// Layout (as solve_pair.cuh): lane r < R is rank r; lane l holds experts m = l + 32 j
+// (j < J) and their edges 2m (on rank ra) and 2m + 1 (on rb); a rank reads its
+// edges' values from a shared array, an expert its ranks' values by shuffles.  The
+// experts pass of ipm::solve (sums over an expert's edges) is lane-local here and
+// runs inside the update pass.
+//
+// The Schur matrix S~ is built row by row (lane r writes row r, its entries summed
+// in expert order as ipm::assemble sums them) and both triangles get the value
+// ipm::assemble gives the lower one.  It is factored by Gaussian elimination without
+// pivoting (lane i updates row i, as pair::solve_spd), keeping the multipliers, so
+// that the predictor's two right-hand sides and the corrector's one are substituted
+// with the same factor; pivots <= 0 are counted and regularised exactly as
+// blk::ldlt_factor and ipm::factor do.  Differences from ipm::solve are rounding only
+// (sums in another order, the elimination's upper triangle instead of L D L^T): the
+// tests compare the two builds on every two-copy placement.
+#pragma once
+
+#include "block_ops.cuh"
+#include "solve_ipm.cuh"
+#include "solve_pair.cuh"
+#include "solve_view.cuh"
+
+namespace lplb {
+namespace ipm_pair {
+
+using pair::kMaxDegree;
+using pair::kMaxExperts;
+using pair::kMaxRanks;
+
+// Shared arrays of one block.  Sizes: E edges, R ranks.
+struct Smem {
+  double *a0, *a1, *a2, *a3;  // [E] per-edge values a rank sums (written by the experts)
+  double* schur;              // [R x (R + 1)], padded rows
+  double* pinv;               // [R] reciprocal pivots of the elimination
+  double *flow, *load;        // [E], [R]: the answer
+
+  // Carve the arrays out of base; returns bytes used (base == nullptr: size only).
+  LPLB_HD static size_t layout(Smem* s, char* base, int R, int E) {
+    size_t off = 0;
+    auto dbl = [&](double** p, size_t n) {
+      if (s) *p = reinterpret_cast<double*>(base + off);
+      off += n * sizeof(double);
+    };
+    double* dummy;
+    dbl(s ? &s->a0 : &dummy, E);
+    dbl(s ? &s->a1 : &dummy, E);
+    dbl(s ? &s->a2 : &dummy, E);
+    dbl(s ? &s->a3 : &dummy, E);
+    dbl(s ? &s->schur : &dummy, static_cast<size_t>(R) * (R + 1));
+    dbl(s ? &s->pinv : &dummy, R);
+    dbl(s ? &s->flow : &dummy, E);
+    dbl(s ? &s->load : &dummy, R);
+    return off;
+  }
+};
+
+#if defined(__CUDA_ARCH__) || defined(LPLB_WARP_EMULATION)
+
+using pair::kFull;
+using pair::wmax;
+
+// Registers of one lane: its rank (lane < R) and its experts j (m = lane + 32 j < M)
+// with their edges k (0: on ra, 1: on rb).  Names as ipm::Work's arrays.
+template <int J>
+struct Lane {
+  static constexpr int kJ = J;
+  // rank
+  bool has_rank;
+  int deg;
+  int edges[kMaxDegree];
+  int partner[kMaxDegree];
+  int more_lo, more_hi;
+  double fixed, f, s, zs, is, izs, ds, rds, gxs, w, dw, dxs, dzs, affs, rp_r, diag, u1, u2;
+  // experts
+  bool has[J];
+  int ra[J], rb[J];
+  double ma[J], mb[J];
+  double demand[J], c[J], lam[J], ia[J], hm[J], rp_m[J], dlam[J];
+  // edges
+  double y[J][2], z[J][2], iy[J][2], iz[J][2], d[J][2], da[J][2], rd[J][2], dx[J][2], dz[J][2], aff[J][2],
+      best[J][2];
+};
+
+// N warp reductions at once (independent chains, so the shuffles overlap): slot k is a
+// sum, or a NaN-propagating max when bit k of kMaxMask is set.  Every lane gets lane
+// 0's bits.
+template <int N, unsigned kMaxMask>
+__device__ __forceinline__ void wreduce(double (&acc)[N]) {
+  for (int off = 16; off > 0; off >>= 1) {
+    double o[N];
+LPLB_PRAGMA(unroll)
+    for (int k = 0; k < N; ++k) o[k] = __shfl_xor_sync(kFull, acc[k], off);
+LPLB_PRAGMA(unroll)
+    for (int k = 0; k < N; ++k) acc[k] = ((kMaxMask >> k) & 1u) ? blk::nanmax(acc[k], o[k]) : acc[k] + o[k];
+  }
+LPLB_PRAGMA(unroll)
+  for (int k = 0; k < N; ++k) acc[k] = __shfl_sync(kFull, acc[k], 0);
+}
+
+// Per-rank sums of the four arrays (rank_edges order, as ipm::ranks).
+template <int J>
+__device__ __forceinline__ void rank_sum4(const View& v, const Lane<J>& L, const Smem& sm, double (&out)[4]) {
+  __syncwarp();
+  double s0 = 0.0, s1 = 0.0, s2 = 0.0, s3 = 0.0;
+  auto add = [&](int e) {
+    s0 += sm.a0[e];
+    s1 += sm.a1[e];
+    s2 += sm.a2[e];
+    s3 += sm.a3[e];
+  };
+LPLB_PRAGMA(unroll)
+  for (int q = 0; q < kMaxDegree; ++q)
+    if (q < L.deg) add(L.edges[q]);
+  for (int q = L.more_lo; q < L.more_hi; ++q) add(v.rank_edges[q]);
+  __syncwarp();
+  out[0] = s0;
+  out[1] = s1;
+  out[2] = s2;
+  out[3] = s3;
+}
+
+// S~ (ipm::assemble's values, both triangles) into sm.schur, with n_reg rounds of
+// regularisation on the diagonal; d and da of every edge must be in sm.a0 / sm.a1.
+// Lane r writes row r: the off-diagonal entry (r, p) sums d * da over the experts
+// joining r and p in expert order, with the edge on the larger rank taking d.
+template <int J>
+__device__ __forceinline__ void assemble(const View& v, const Lane<J>& L, const Smem& sm, double nu, int n_reg,
+                                         double reg_scale) {
+  const int R = v.R, r = threadIdx.x, lda = R + 1;
+  __syncwarp();
+  if (L.has_rank) {
+    double* row = sm.schur + static_cast<size_t>(r) * lda;
+    for (int b = 0; b < R; ++b) row[b] = 0.0;
+    auto add = [&](int e, int p) {
+      const int o = e ^ 1;
+      row[p] += r > p ? sm.a0[e] * sm.a1[o] : sm.a0[o] * sm.a1[e];
+    };
+LPLB_PRAGMA(unroll)
+    for (int q = 0; q < kMaxDegree; ++q)
+      if (q < L.deg) add(L.edges[q], L.partner[q]);
+    for (int q = L.more_lo; q < L.more_hi; ++q) add(v.rank_edges[q], v.edge_rank[v.rank_edges[q] ^ 1]);
+    for (int b = 0; b < R; ++b) row[b] = -row[b] + nu;
+    double dg = L.diag + nu, reg = 1e-12;
+    for (int k = 0; k < n_reg; ++k) {
+      dg = dg + reg_scale * reg;
+      reg *= 100.0;
+    }
+    row[r] = dg;
+  }
+  __syncwarp();
+}
+
+// Gaussian elimination of sm.schur in place (row i keeps U[i][j >= i] and the
+// multipliers L[i][k < i]); inv: lane i's 1 / pivot.  Returns the number of pivots
+// <= 0 (used as 1e-300, as blk::ldlt_factor), the same on every lane.  Lane k + 1
+// forms its reciprocal pivot as soon as step k has updated it, while it updates the
+// rest of its row, and publishes it in sm.pinv (so the division is off the chain of
+// steps); the row updates go four entries at a time.
+__device__ __forceinline__ int factor(const Smem& sm, int n, double& inv) {
+  const int i = threadIdx.x, lda = n + 1;
+  double* row = sm.schur + static_cast<size_t>(i) * lda;
+  bool my_bad = false;
+  auto recip = [&](double d) {
+    my_bad = !(d > 0.0);
+    inv = 1.0 / (my_bad ? 1e-300 : d);
+    sm.pinv[i] = inv;
+  };
+  inv = 0.0;
+  if (i == 0 && n > 0) recip(row[0]);
+  for (int k = 0; k < n; ++k) {
+    __syncwarp();  // row k and its reciprocal pivot are final
+    const double* rk = sm.schur + static_cast<size_t>(k) * lda;
+    if (i > k && i < n) {
+      const double l = row[k] * sm.pinv[k];
+      row[k] = l;
+      const double piv = row[k + 1] - l * rk[k + 1];
+      row[k + 1] = piv;
+      if (i == k + 1) recip(piv);
+      int j = k + 2;
+      for (; j + 3 < n; j += 4) {
+        const double r0 = rk[j], r1 = rk[j + 1], r2 = rk[j + 2], r3 = rk[j + 3];
+        const double a0 = row[j], a1 = row[j + 1], a2 = row[j + 2], a3 = row[j + 3];
+        row[j] = a0 - l * r0;
+        row[j + 1] = a1 - l * r1;
+        row[j + 2] = a2 - l * r2;
+        row[j + 3] = a3 - l * r3;
+      }
+      for (; j < n; ++j) row[j] -= l * rk[j];
+    }
+  }
+  __syncwarp();
+  return __popc(__ballot_sync(kFull, i < n && my_bad));
+}
+
+// Solves S~ x = b with the factor for lane i's b1 (and b2 when two), in place; returns
+// the sums of the solutions' entries in sums[0], sums[1].
+__device__ __forceinline__ void subst(const Smem& sm, int n, double inv, bool two, double& b1, double& b2,
+                                      double (&sums)[2]) {
+  const int i = threadIdx.x, lda = n + 1;
+  const double* row = sm.schur + static_cast<size_t>(i) * lda;
+  double p = i < n ? b1 : 0.0, q = (two && i < n) ? b2 : 0.0;
+  for (int k = 0; k < n - 1; ++k) {
+    const double x1 = __shfl_sync(kFull, p, k);
+    const double x2 = two ? __shfl_sync(kFull, q, k) : 0.0;
+    if (i > k && i < n) {
+      const double l = row[k];
+      p -= l * x1;
+      q -= l * x2;
+    }
+  }
+  double x1 = 0.0, x2 = 0.0;
+  for (int k = n - 1; k >= 0; --k) {
+    if (i == k) {
+      x1 = p * inv;
+      x2 = q * inv;
+    }
+    const double v1 = __shfl_sync(kFull, x1, k);
+    const double v2 = two ? __shfl_sync(kFull, x2, k) : 0.0;
+    if (i < k) {
+      const double u = row[k];
+      p -= u * v1;
+      q -= u * v2;
+    }
+  }
+  if (i < n) {
+    b1 = x1;
+    if (two) b2 = x2;
+  }
+  double s[2] = {i < n ? x1 : 0.0, (two && i < n) ? x2 : 0.0};
+  wreduce<2, 0u>(s);
+  sums[0] = s[0];
+  sums[1] = s[1];
+}
+
+// The same elimination and substitution with row i of S~ in lane i's registers, for
+// components of at most NR ranks (rows and columns from n to NR act as the
+// identity): the pivot row comes by shuffles, and every index is a compile-time
+// constant.  Same arithmetic, same bits as factor / subst.
+template <int NR>
+__device__ __forceinline__ int factor_reg(const Smem& sm, int n, double (&a)[NR], double& inv) {
+  const int i = threadIdx.x, lda = n + 1;
+  const double* row = sm.schur + static_cast<size_t>(i) * lda;
+  __syncwarp();
+LPLB_PRAGMA(unroll)
+  for (int j = 0; j < NR; ++j) a[j] = (i < n && j < n) ? row[j] : (i == j ? 1.0 : 0.0);
+  bool my_bad = false;
+  auto recip = [&](double d) {
+    my_bad = !(d > 0.0);
+    inv = 1.0 / (my_bad ? 1e-300 : d);
+  };
+  inv = 0.0;
+  if (i == 0) recip(a[0]);
+LPLB_PRAGMA(unroll)
+  for (int k = 0; k < NR - 1; ++k) {
+    const double ik = __shfl_sync(kFull, inv, k);
+    double rk[NR];
+LPLB_PRAGMA(unroll)
+    for (int j = k + 1; j < NR; ++j) rk[j] = __shfl_sync(kFull, a[j], k);
+    if (i > k) {
+      const double l = a[k] * ik;
+      a[k] = l;
+LPLB_PRAGMA(unroll)
+      for (int j = k + 1; j < NR; ++j) a[j] -= l * rk[j];
+      if (i == k + 1) recip(a[k + 1]);
+    }
+  }
+  __syncwarp();  // (the rows in shared memory may be rebuilt)
+  return __popc(__ballot_sync(kFull, i < n && my_bad));
+}
+
+template <int NR>
+__device__ __forceinline__ void subst_reg(const double (&a)[NR], int n, double inv, bool two, double& b1,
+                                          double& b2, double (&sums)[2]) {
+  const int i = threadIdx.x;
+  double p = i < n ? b1 : 0.0, q = (two && i < n) ? b2 : 0.0;
+LPLB_PRAGMA(unroll)
+  for (int k = 0; k < NR - 1; ++k) {
+    const double x1 = __shfl_sync(kFull, p, k);
+    const double x2 = two ? __shfl_sync(kFull, q, k) : 0.0;
+    if (i > k) {
+      p -= a[k] * x1;
+      q -= a[k] * x2;
+    }
+  }
+  double x1 = 0.0, x2 = 0.0;
+LPLB_PRAGMA(unroll)
+  for (int k = NR - 1; k >= 0; --k) {
+    if (i == k) {
+      x1 = p * inv;
+      x2 = q * inv;
+    }
+    const double v1 = __shfl_sync(kFull, x1, k);
+    const double v2 = two ? __shfl_sync(kFull, x2, k) : 0.0;
+    if (i < k) {
+      p -= a[k] * v1;
+      q -= a[k] * v2;
+    }
+  }
+  if (i < n) {
+    b1 = x1;
+    if (two) b2 = x2;
+  }
+  double s[2] = {i < n ? x1 : 0.0, (two && i < n) ? x2 : 0.0};
+  wreduce<2, 0u>(s);
+  sums[0] = s[0];
+  sums[1] = s[1];
+}
+
+// Solves the component (one warp; J experts per lane; NR > 0: the factor in registers,
+// for at most NR ranks; 0: in shared memory); the split ends in sm.flow, its loads in
+// sm.load, as ipm::solve leaves them in w.flow / w.load.
+template <int J, int NR, typename T>
+__device__ ipm::Result solve(const View& v, const T* loads, const Smem& sm, int max_iters, double tol) {
+  using ipm::kEpsF64;
+  const int R = v.R, E = v.E, lane = threadIdx.x;
+  ipm::Result res{1, 0, 0.0};
+  [[maybe_unused]] pair::Prof P;
+  LPLB_TICK(P, 0);
+  Lane<J> L;
+  pair::setup_lane(v, loads, L, L.demand);
+  double sum_f, sum_c;
+  {
+    double acc[2] = {L.has_rank ? L.fixed : 0.0, 0.0};
+LPLB_PRAGMA(unroll)
+    for (int j = 0; j < J; ++j) acc[1] += L.demand[j];
+    wreduce<2, 0u>(acc);
+    sum_f = acc[0];
+    sum_c = acc[1];
+  }
+  const double scale = (sum_f + sum_c) / R;
+  const bool trivial = scale <= 0.0;
+
+LPLB_PRAGMA(unroll)
+  for (int j = 0; j < J; ++j) L.best[j][0] = L.best[j][1] = 0.0;
+  if (E > 0 && !trivial) {
+    // ---- starting point: even split, T = its max load, uniform duals, Mehrotra shift
+    double mx[2] = {-HUGE_VAL, -HUGE_VAL};
+LPLB_PRAGMA(unroll)
+    for (int j = 0; j < J; ++j) {
+      const double c = L.demand[j] / scale;
+      L.c[j] = c;
+      L.y[j][0] = L.y[j][1] = c / 2.0;
+      if (L.has[j]) mx[0] = blk::nanmax(mx[0], c);
+    }
+    L.f = L.fixed / scale;
+    if (L.has_rank) mx[1] = blk::nanmax(mx[1], L.f);
+    wreduce<2, 3u>(mx);
+    const double cnorm = 1.0 + blk::nanmax(blk::nanmax(mx[0], 0.0), mx[1]);
+    pair::put_edges(L, sm.a0, [&](int j, double& e0, double& e1) {
+      e0 = L.y[j][0];
+      e1 = L.y[j][1];
+    });
+    const double load = L.f + pair::rank_sum(v, L, sm.a0);
+    double Tv = wmax(L.has_rank ? load : -HUGE_VAL);
+    const double wi = 1.0 / R;
+    double sums[3] = {0.0, 0.0, 0.0};  // x.z, sum x, sum z
+    L.s = Tv - load;
+    if (L.has_rank) {
+      sums[0] += L.s * wi;
+      sums[1] += L.s;
+      sums[2] += wi;
+    }
+LPLB_PRAGMA(unroll)
+    for (int j = 0; j < J; ++j)
+      if (L.has[j])
+LPLB_PRAGMA(unroll)
+        for (int k = 0; k < 2; ++k) {
+          sums[0] += L.y[j][k] * wi;
+          sums[1] += L.y[j][k];
+          sums[2] += wi;
+        }
+    wreduce<3, 0u>(sums);
+    const double dx0 = blk::nanmax(0.5 * sums[0] / sums[2], 0.1);
+    const double dz0 = blk::nanmax(0.5 * sums[0] / (sums[1] > 1e-300 ? sums[1] : 1e-300), 0.1 / R);
+LPLB_PRAGMA(unroll)
+    for (int j = 0; j < J; ++j) {
+      L.lam[j] = L.dlam[j] = 0.0;
+LPLB_PRAGMA(unroll)
+      for (int k = 0; k < 2; ++k) {
+        L.y[j][k] = L.y[j][k] + dx0;
+        L.z[j][k] = wi + dz0;
+        L.dx[j][k] = L.dz[j][k] = 0.0;
+      }
+    }
+    L.s = L.s + dx0;
+    L.zs = wi + dz0;
+    L.w = wi;
+    L.dw = L.dxs = L.dzs = 0.0;
+
+    const double n_var = static_cast<double>(E + R);
+    const double stop_tol = ipm::kSafety * tol;
+    const double eta_max = 1.0 - 100.0 * kEpsF64;
+    double ap = 0.0, ad = 0.0, best_merit = HUGE_VAL, inv = 0.0;
+    double a_reg[NR > 0 ? NR : 1];
+    auto factor_any = [&]() {
+      if constexpr (NR > 0) {
+        return factor_reg<NR>(sm, R, a_reg, inv);
+      } else {
+        return factor(sm, R, inv);
+      }
+    };
+    int stall = 0;
+    bool move = false, converged = false;
+    for (;;) {
+      // ---- apply the step (none in the first round), residuals and the Newton data
+      // (ipm::update, ipm::experts, ipm::ranks)
+      double mu5[5] = {0.0, 0.0, 0.0, 0.0, -HUGE_VAL};  // c.lambda, f.w, sum w, sum x z, max |rd|
+      double mr[2] = {0.0, -HUGE_VAL};                  // sum diag, max |primal residual|
+      LPLB_TICK(P, 0);
+      if (move) {
+        L.s = L.s + ap * L.dxs;
+        L.zs = L.zs + ad * L.dzs;
+        L.w = L.w + ad * L.dw;
+      }
+      {
+        L.izs = 1.0 / L.zs;
+        L.rds = L.w - L.zs;
+        const double xz = L.s * L.zs;
+        L.is = 1.0 / L.s;
+        L.ds = L.s * L.izs;
+        L.gxs = (-xz - L.s * L.rds) * L.izs;
+        if (L.has_rank) {
+          mu5[1] += L.f * L.w;
+          mu5[2] += L.w;
+          mu5[3] += xz;
+          mu5[4] = blk::nanmax(mu5[4], fabs(L.rds));
+        }
+      }
+LPLB_PRAGMA(unroll)
+      for (int j = 0; j < J; ++j) {
+        const int m = lane + 32 * j;
+        double wk[2], gx[2];
+        pair::at_ranks(L, L.w, j, wk[0], wk[1]);
+        if (move) L.lam[j] = L.lam[j] + ad * L.dlam[j];
+LPLB_PRAGMA(unroll)
+        for (int k = 0; k < 2; ++k) {
+          double y = L.y[j][k], z = L.z[j][k];
+          if (move) {
+            y = y + ap * L.dx[j][k];
+            z = z + ad * L.dz[j][k];
+            L.y[j][k] = y;
+            L.z[j][k] = z;
+          }
+          const double iz = 1.0 / z, rd = (wk[k] - L.lam[j]) - z, xz = y * z;
+          L.iy[j][k] = 1.0 / y;
+          L.iz[j][k] = iz;
+          L.d[j][k] = y * iz;
+          L.rd[j][k] = rd;
+          gx[k] = (-xz - y * rd) * iz;
+          if (L.has[j]) {
+            mu5[3] += xz;
+            mu5[4] = blk::nanmax(mu5[4], fabs(rd));
+          }
+        }
+        // the expert's sums (ipm::experts: a = d0 + d1; t = da * the other edge's d)
+        const double sy = (0.0 + L.y[j][0]) + L.y[j][1], a = (0.0 + L.d[j][0]) + L.d[j][1];
+        const double sg = (0.0 + gx[0]) + gx[1];
+        const double ia = 1.0 / a, rp = L.c[j] - sy;
+        L.ia[j] = ia;
+        L.rp_m[j] = rp;
+        L.hm[j] = rp - sg;
+        L.da[j][0] = L.d[j][0] * ia;
+        L.da[j][1] = L.d[j][1] * ia;
+        if (L.has[j]) {
+          mu5[0] += L.c[j] * L.lam[j];
+          mr[1] = blk::nanmax(mr[1], fabs(rp));
+          sm.a0[2 * m] = L.y[j][0];
+          sm.a0[2 * m + 1] = L.y[j][1];
+          sm.a1[2 * m] = L.da[j][0] * (0.0 + L.d[j][1]);
+          sm.a1[2 * m + 1] = L.da[j][1] * (L.d[j][0] + 0.0);
+          sm.a2[2 * m] = gx[0];
+          sm.a2[2 * m + 1] = gx[1];
+          sm.a3[2 * m] = L.da[j][0] * L.hm[j];
+          sm.a3[2 * m + 1] = L.da[j][1] * L.hm[j];
+        }
+      }
+      wreduce<5, 0x10u>(mu5);
+      LPLB_TICK(P, 1);
+      {
+        double rs[4];  // sum y, sum t, sum gx, sum da h
+        rank_sum4(v, L, sm, rs);
+        const double rp = (L.f - Tv) + (rs[0] + L.s);
+        const double dg = L.ds + rs[1];
+        L.rp_r = rp;
+        L.diag = dg;
+        L.u1 = (rp + (rs[2] + L.gxs)) + rs[3];
+        L.u2 = 1.0;
+        if (L.has_rank) {
+          mr[0] += dg;
+          mr[1] = blk::nanmax(mr[1], fabs(rp));
+        }
+      }
+      wreduce<2, 2u>(mr);
+      LPLB_TICK(P, 2);
+      const double rT = 1.0 - mu5[2];
+      const double nu = mr[0] / (static_cast<double>(R) * R);
+      // ---- stop test; keep the best iterate (merit = max of the three measures); the
+      // starting point is the first best
+      bool better = true, stop = max_iters <= 0;
+      if (move) {
+        const double g = fabs(Tv - mu5[0] - mu5[1]) / (1.0 + fabs(Tv));
+        const double pinf = mr[1] / cnorm;
+        const double dinf = blk::nanmax(mu5[4], fabs(rT)) / 2.0;
+        const double merit = blk::nanmax(blk::nanmax(g, pinf), dinf);
+        better = merit < best_merit;
+        if (better) {
+          best_merit = merit;
+          stall = 0;
+        } else {
+          ++stall;
+        }
+        const bool met = better && merit <= stop_tol;
+        converged = converged || met;
+        stop = met || stall >= ipm::kStall || res.iterations == max_iters;
+      }
+      if (better)
+LPLB_PRAGMA(unroll)
+        for (int j = 0; j < J; ++j) {
+          L.best[j][0] = L.y[j][0];
+          L.best[j][1] = L.y[j][1];
+        }
+      if (stop) break;
+      // ---- S~ and its factor (ipm::assemble, ipm::factor)
+      pair::put_edges(L, sm.a0, [&](int j, double& e0, double& e1) {
+        e0 = L.d[j][0];
+        e1 = L.d[j][1];
+      });
+      pair::put_edges(L, sm.a1, [&](int j, double& e0, double& e1) {
+        e0 = L.da[j][0];
+        e1 = L.da[j][1];
+      });
+      LPLB_TICK(P, 10);
+      assemble(v, L, sm, nu, 0, 0.0);
+      LPLB_TICK(P, 3);
+      int bad = factor_any();
+      LPLB_TICK(P, 4);
+      if (bad > 0) {
+        const double reg_scale = wmax(L.has_rank ? L.diag + nu : -HUGE_VAL);
+        for (int k = 1; k <= 4 && bad > 0; ++k) {
+          assemble(v, L, sm, nu, k, reg_scale);
+          bad = factor_any();
+        }
+      }
+      ++res.iterations;
+      if (bad > 0) break;  // no usable factor: the reference's step is not finite
+      const double mu = mu5[3] / n_var;
+      // ---- predictor (affine scaling direction, and S~^-1 1 for the T border), then
+      // the corrector (centring + second-order term) with the same factorisation
+      double us[2], dir[5], u2sum = 1.0, dTp = 0.0, smu = 0.0;
+      LPLB_PRAGMA(unroll 1)
+      for (int phase = 0; phase < 2; ++phase) {
+        const bool corr = phase == 1;
+        LPLB_TICK(P, 10);
+        if (corr) {
+          // ipm::corrector_rhs: h (experts), then g into u1 (ranks)
+LPLB_PRAGMA(unroll)
+          for (int j = 0; j < J; ++j) {
+            const int m = lane + 32 * j;
+            double gx[2];
+LPLB_PRAGMA(unroll)
+            for (int k = 0; k < 2; ++k) {
+              const double y = L.y[j][k];
+              gx[k] = (((smu - y * L.z[j][k]) - L.aff[j][k]) - y * L.rd[j][k]) * L.iz[j][k];
+            }
+            L.hm[j] = L.rp_m[j] - ((0.0 + gx[0]) + gx[1]);
+            if (L.has[j]) {
+              sm.a0[2 * m] = gx[0];
+              sm.a0[2 * m + 1] = gx[1];
+              sm.a1[2 * m] = L.da[j][0] * L.hm[j];
+              sm.a1[2 * m + 1] = L.da[j][1] * L.hm[j];
+            }
+          }
+          double sg, sh;
+          pair::rank_sum2(v, L, sm.a0, sm.a1, sg, sh);
+          const double gxs = (((smu - L.s * L.zs) - L.affs) - L.s * L.rds) * L.izs;
+          L.u1 = (L.rp_r + (sg + gxs)) + sh;
+        }
+        LPLB_TICK(P, 5);
+        if constexpr (NR > 0) {
+          subst_reg<NR>(a_reg, R, inv, !corr, L.u1, L.u2, us);
+        } else {
+          subst(sm, R, inv, !corr, L.u1, L.u2, us);
+        }
+        LPLB_TICK(P, 6);
+        if (!corr) u2sum = us[1];
+        dTp = (us[0] - rT) / u2sum;
+        // ipm::direction: dw = u1 - dT' u2, dlambda, dx, dz; the predictor keeps dx dz
+        double acc[5] = {-HUGE_VAL, -HUGE_VAL, 0.0, 0.0, 0.0};
+        auto fold = [&](double x, double z, double ix, double iz, double dx, double dz) {
+          acc[0] = blk::nanmax(acc[0], -(dx * ix));
+          acc[1] = blk::nanmax(acc[1], -(dz * iz));
+          acc[2] += dx * z;
+          acc[3] += x * dz;
+          acc[4] += dx * dz;
+        };
+        L.dw = L.u1 - dTp * L.u2;
+        {
+          const double x = L.s, z = L.zs, xz = x * z;
+          const double rc = corr ? (smu - xz) - L.affs : -xz;
+          const double dx = L.ds * (0.0 - L.dw) + (rc - x * L.rds) * L.izs;
+          const double dz = (rc - z * dx) * L.is;
+          L.dxs = dx;
+          L.dzs = dz;
+          if (!corr) L.affs = dx * dz;
+          if (L.has_rank) fold(x, z, L.is, L.izs, dx, dz);
+        }
+LPLB_PRAGMA(unroll)
+        for (int j = 0; j < J; ++j) {
+          double dwk[2];
+          pair::at_ranks(L, L.dw, j, dwk[0], dwk[1]);
+          const double sd = (0.0 + L.d[j][0] * dwk[0]) + L.d[j][1] * dwk[1];
+          const double dl = (L.hm[j] + sd) * L.ia[j];
+          L.dlam[j] = dl;
+LPLB_PRAGMA(unroll)
+          for (int k = 0; k < 2; ++k) {
+            const double x = L.y[j][k], z = L.z[j][k], xz = x * z;
+            const double rc = corr ? (smu - xz) - L.aff[j][k] : -xz;
+            const double dx = L.d[j][k] * (dl - dwk[k]) + (rc - x * L.rd[j][k]) * L.iz[j][k];
+            const double dz = (rc - z * dx) * L.iy[j][k];
+            L.dx[j][k] = dx;
+            L.dz[j][k] = dz;
+            if (!corr) L.aff[j][k] = dx * dz;
+            if (L.has[j]) fold(x, z, L.iy[j][k], L.iz[j][k], dx, dz);
+          }
+        }
+        wreduce<5, 0x3u>(acc);
+        LPLB_TICK(P, 7);
+LPLB_PRAGMA(unroll)
+        for (int k = 0; k < 5; ++k) dir[k] = acc[k];
+        if (!corr) {
+          const double pa = ipm::step_to_boundary(dir[0], 1.0), pd = ipm::step_to_boundary(dir[1], 1.0);
+          const double mu_aff = (mu5[3] + pa * dir[2] + pd * dir[3] + pa * pd * dir[4]) / n_var;
+          double sigma = ipm::clamp(mu_aff / mu, 0.0, 1.0);
+          sigma = sigma * sigma * sigma;
+          smu = sigma * mu;
+        }
+      }
+      const double dT = dTp + nu * rT;
+      const double eta = ipm::clamp(1.0 - mu, ipm::kEta, eta_max);
+      ap = ipm::step_to_boundary(dir[0], eta);
+      ad = ipm::step_to_boundary(dir[1], eta);
+      if (!(ap + ad < 3.0)) break;  // a NaN anywhere reaches dx or dz: frozen
+      Tv = Tv + ap * dT;
+      move = true;
+    }
+    res.converged = converged ? 1 : 0;
+  }
+
+  // ---- finalisation (ipm::solve's): original units, non-negative, each expert's
+  // edges sum to its demand (zero demand: 0; vanished flow: the even split)
+  pair::put_edges(L, sm.flow, [&](int j, double& e0, double& e1) {
+    double x[2];
+LPLB_PRAGMA(unroll)
+    for (int k = 0; k < 2; ++k) {
+      double xv = L.best[j][k] * scale;
+      xv = ipm::finite(xv) ? xv : 0.0;
+      x[k] = xv > 0.0 ? xv : 0.0;
+    }
+    const double tot = (0.0 + x[0]) + x[1], copies = (0.0 + L.ma[j]) + L.mb[j];
+    const double dm = L.demand[j];
+    const bool ok = tot > 0.0;
+    const double k = ok ? dm / tot : 0.0;
+    const double o0 = ok ? x[0] * k : dm * L.ma[j] / copies, o1 = ok ? x[1] * k : dm * L.mb[j] / copies;
+    e0 = dm > 0.0 ? o0 : 0.0;
+    e1 = dm > 0.0 ? o1 : 0.0;
+  });
+  const double ld = L.fixed + pair::rank_sum(v, L, sm.flow);
+  if (L.has_rank) sm.load[lane] = ld;
+  res.objective = wmax(L.has_rank ? ld : -HUGE_VAL);
+  __syncwarp();
+  LPLB_TICK(P, 8);
+#ifdef LPLB_PROF
+  if (lane == 0)
+    printf("ipprof blk %d R %d M %d its %d: start %lld update %lld ranks %lld assemble %lld factor %lld crhs %lld "
+           "subst %lld dir %lld final %lld other %lld\n",
+           blockIdx.x, v.R, v.M, res.iterations, P.acc[0], P.acc[1], P.acc[2], P.acc[3], P.acc[4], P.acc[5],
+           P.acc[6], P.acc[7], P.acc[8], P.acc[10]);
+#endif
+  return res;
+}
+
+#endif  // __CUDA_ARCH__ || LPLB_WARP_EMULATION
+
+}  // namespace ipm_pair
+}  // namespace lplb
