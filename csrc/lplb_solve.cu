@@ -80,8 +80,7 @@ __global__ void __launch_bounds__(kIpmThreads, 1) ipm_kernel(CompArrays a, const
 }
 
 // The IPM in one warp per component, every component small and two-copy
-// (solve_ipm_pair.cuh); J experts per lane, the factor in registers for at most NR
-// ranks (0: in shared memory).
+// (solve_ipm_pair.cuh); J experts per lane, at most NR ranks (the factor's registers).
 template <int J, int NR, typename T>
 __global__ void __launch_bounds__(32, 1) ipm_pair_kernel(CompArrays a, const T* loads, int max_iters, double tol,
                                                       SolveOut out) {
@@ -190,7 +189,7 @@ cudaError_t launch(const CompArrays& a, const SolveSizes& sz, const T* loads, in
     const bool j1 = sz.max_experts <= 32;
     auto kernel = sz.max_ranks <= 8    ? (j1 ? ipm_pair_kernel<1, 8, T> : ipm_pair_kernel<2, 8, T>)
                   : sz.max_ranks <= 16 ? (j1 ? ipm_pair_kernel<1, 16, T> : ipm_pair_kernel<2, 16, T>)
-                                       : (j1 ? ipm_pair_kernel<1, 0, T> : ipm_pair_kernel<2, 0, T>);
+                                       : (j1 ? ipm_pair_kernel<1, 32, T> : ipm_pair_kernel<2, 32, T>);
     if (cudaError_t err = allow_smem(kernel, bytes); err != cudaSuccess) return err;
     kernel<<<a.n_comp, 32, bytes, stream>>>(a, loads, ipm_max_iters, ipm_tol, out);
   } else if (method == 1) {

@@ -129,10 +129,10 @@ int lplb_solve_ipm_pair_host(LPLB_HOST_ARRAYS, const double* loads, int max_iter
     if (max_m <= 32)
       return max_r <= 8    ? ip::solve<1, 8>(v, loads, sm, max_iters, tol)
              : max_r <= 16 ? ip::solve<1, 16>(v, loads, sm, max_iters, tol)
-                           : ip::solve<1, 0>(v, loads, sm, max_iters, tol);
+                           : ip::solve<1, 32>(v, loads, sm, max_iters, tol);
     return max_r <= 8    ? ip::solve<2, 8>(v, loads, sm, max_iters, tol)
            : max_r <= 16 ? ip::solve<2, 16>(v, loads, sm, max_iters, tol)
-                         : ip::solve<2, 0>(v, loads, sm, max_iters, tol);
+                         : ip::solve<2, 32>(v, loads, sm, max_iters, tol);
   };
   each_component(a, [&](const lplb::blk::Team& team, const lplb::View& v, int c) {
     std::vector<double> buf(lplb::ipm_pair::Smem::layout(nullptr, nullptr, v.R, v.E) / sizeof(double) + 1);
