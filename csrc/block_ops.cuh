@@ -125,6 +125,32 @@ LPLB_HD void reduce2(const Team& t, int n, F&& f, double& out_a, double& out_b) 
 #endif
 }
 
+// Phase timers of profiling builds (-DLPLB_PROF, device only; one printf per block
+// where a solver reports them): tick(k) adds the cycles since the previous tick to
+// acc[k], after a barrier (kWarp: __syncwarp, for the one-warp solvers; else
+// __syncthreads).  Without LPLB_PROF an empty struct and no code.
+#if defined(LPLB_PROF) && defined(__CUDA_ARCH__)
+template <bool kWarp>
+struct Prof {
+  long long acc[12] = {0};
+  long long last = 0;
+  __device__ void tick(int k) {
+    if (kWarp)
+      __syncwarp();
+    else
+      __syncthreads();
+    const long long now = clock64();
+    if (last) acc[k] += now - last;
+    last = now;
+  }
+};
+#define LPLB_TICK(P, k) (P).tick(k)
+#else
+template <bool kWarp>
+struct Prof {};
+#define LPLB_TICK(P, k) ((void)0)
+#endif
+
 // NaN-propagating max (as torch.maximum / amax): NaN when either argument is NaN.
 LPLB_HD double nanmax(double a, double b) { return (a != a || a > b) ? a : b; }
 

@@ -107,6 +107,62 @@ LPLB_HD int warp_round(int n) { return (n + 31) & ~31; }
 // min(1, eta * max{a : x + a dx >= 0}) from the largest relative decrease r
 LPLB_HD double step_to_boundary(double r, double eta) { return eta / blk::nanmax(r, eta); }
 
+// ---------------------------------------------------------------- scalar steps
+// The iteration's scalar logic, the same for this block solver and the one-warp
+// solvers (every thread holds the same values, so control flow stays uniform).
+// Sums of a round, as the passes return them: mu5 = {c.lambda, f.w, sum w, sum x z,
+// max |dual residual|}, mr = {sum of the Schur diagonal, max |primal residual|};
+// of a direction: dir = {max -dx/x, max -dz/z, sum dx z, sum x dz, sum dx dz}.
+struct Progress {
+  double best_merit = HUGE_VAL;
+  int stall = 0;
+  bool converged = false;
+};
+
+// The stop test of a round (merit = max of the relative gap and the primal and dual
+// infeasibilities); better: the iterate improves on the best so far (the starting
+// point, move false, is the first best).  Returns whether to stop.
+LPLB_HD bool stop_test(Progress& pg, bool move, double Tv, const double (&mu5)[5], const double (&mr)[2], double rT,
+                       double cnorm, double stop_tol, int iterations, int max_iters, bool& better) {
+  better = true;
+  if (!move) return max_iters <= 0;
+  const double g = fabs(Tv - mu5[0] - mu5[1]) / (1.0 + fabs(Tv));
+  const double pinf = mr[1] / cnorm;
+  const double dinf = blk::nanmax(mu5[4], fabs(rT)) / 2.0;
+  const double merit = blk::nanmax(blk::nanmax(g, pinf), dinf);
+  better = merit < pg.best_merit;
+  if (better) {
+    pg.best_merit = merit;
+    pg.stall = 0;
+  } else {
+    ++pg.stall;
+  }
+  const bool met = better && merit <= stop_tol;
+  pg.converged = pg.converged || met;
+  return met || pg.stall >= kStall || iterations == max_iters;
+}
+
+// The corrector's centring target sigma mu from the predictor's direction
+// (Mehrotra: sigma = (mu_aff / mu)^3, mu_aff from the expanded
+// sum (x + ap dx)(z + ad dz)); xz: sum x z.
+LPLB_HD double centring(const double (&dir)[5], double xz, double mu, double n_var) {
+  const double pa = step_to_boundary(dir[0], 1.0), pd = step_to_boundary(dir[1], 1.0);
+  const double mu_aff = (xz + pa * dir[2] + pd * dir[3] + pa * pd * dir[4]) / n_var;
+  double sigma = clamp(mu_aff / mu, 0.0, 1.0);
+  sigma = sigma * sigma * sigma;
+  return sigma * mu;
+}
+
+// The primal and dual step lengths of the corrector's direction; false when a NaN
+// reached it (the iteration then stops, frozen).
+LPLB_HD bool step_lengths(const double (&dir)[5], double mu, double& ap, double& ad) {
+  const double eta_max = 1.0 - 100.0 * kEpsF64;
+  const double eta = clamp(1.0 - mu, kEta, eta_max);
+  ap = step_to_boundary(dir[0], eta);
+  ad = step_to_boundary(dir[1], eta);
+  return ap + ad < 3.0;
+}
+
 // ---------------------------------------------------------------- passes
 // The iterate: y, z (edges), s, zs, w (ranks), lam (experts) in Work, T with the caller.
 // After a step (move), the three passes below apply it: `update` moves y, z, s, zs
@@ -366,22 +422,7 @@ LPLB_HD void direction(const blk::Team& t, const View& v, const Work& w, bool co
 }
 
 // ---------------------------------------------------------------- driver
-#if defined(LPLB_PROF) && defined(__CUDA_ARCH__)  // phase timers (-DLPLB_PROF): one printf per block
-struct Prof {
-  long long acc[12] = {0};
-  long long last = 0;
-  __device__ void tick(int k) {
-    __syncthreads();
-    const long long now = clock64();
-    if (last) acc[k] += now - last;
-    last = now;
-  }
-};
-#define LPLB_ITICK(P, k) (P).tick(k)
-#else
-struct Prof {};
-#define LPLB_ITICK(P, k) ((void)0)
-#endif
+using Prof = blk::Prof<false>;  // phase timers of -DLPLB_PROF builds
 
 // Solves the component; the split ends in w.flow, its loads in w.load.
 template <typename T>
@@ -389,7 +430,7 @@ LPLB_HD Result solve(const blk::Team& t, const View& v, const T* loads, const Wo
   const int R = v.R, M = v.M, E = v.E;
   Result res{1, 0, 0.0};
   [[maybe_unused]] Prof P;
-  LPLB_ITICK(P, 0);
+  LPLB_TICK(P, 0);
   // original fixed loads and demands; the scale is the mean rank load
   double sum_f, sum_c;
   blk::reduce2(t, R + M, [&](int i, double& a, double& b) {
@@ -479,49 +520,32 @@ LPLB_HD Result solve(const blk::Team& t, const View& v, const T* loads, const Wo
     // fetches each pass's code once per iteration.
     const double n_var = static_cast<double>(E + R);
     const double stop_tol = kSafety * tol;
-    const double eta_max = 1.0 - 100.0 * kEpsF64;
-    double mu5[5], mr[2], ap = 0.0, ad = 0.0, best_merit = HUGE_VAL;
-    int stall = 0;
-    bool move = false, converged = false;
+    double mu5[5], mr[2], ap = 0.0, ad = 0.0;
+    Progress pg;
+    bool move = false;
     for (;;) {
       // ---- apply the step (none in the first round), residuals and the Newton data
-      LPLB_ITICK(P, 0);
+      LPLB_TICK(P, 0);
       update(t, v, w, move, ap, ad, mu5);
-      LPLB_ITICK(P, 1);
+      LPLB_TICK(P, 1);
       experts(t, v, w, move, ad);
-      LPLB_ITICK(P, 2);
+      LPLB_TICK(P, 2);
       ranks(t, v, w, move, ad, Tv, mr);
-      LPLB_ITICK(P, 3);
+      LPLB_TICK(P, 3);
       const double rT = 1.0 - mu5[2];
       const double nu = mr[0] / (static_cast<double>(R) * R);
-      // ---- stop test; keep the best iterate (merit = max of the three measures); the
-      // starting point is the first best
-      bool better = true, stop = max_iters <= 0;
-      if (move) {
-        const double g = fabs(Tv - mu5[0] - mu5[1]) / (1.0 + fabs(Tv));
-        const double pinf = mr[1] / cnorm;
-        const double dinf = blk::nanmax(mu5[4], fabs(rT)) / 2.0;
-        const double merit = blk::nanmax(blk::nanmax(g, pinf), dinf);
-        better = merit < best_merit;
-        if (better) {
-          best_merit = merit;
-          stall = 0;
-        } else {
-          ++stall;
-        }
-        const bool met = better && merit <= stop_tol;
-        converged = converged || met;
-        stop = met || stall >= kStall || res.iterations == max_iters;
-      }
+      // ---- stop test; keep the best iterate
+      bool better;
+      const bool stop = stop_test(pg, move, Tv, mu5, mr, rT, cnorm, stop_tol, res.iterations, max_iters, better);
       if (stop) {
         if (better) blk::pfor(t, E, [&](int e) { w.best[e] = w.y[e]; });
         break;
       }
-      LPLB_ITICK(P, 10);
+      LPLB_TICK(P, 10);
       assemble(t, v, w, nu, 0, 0.0, better);
-      LPLB_ITICK(P, 4);
+      LPLB_TICK(P, 4);
       const bool factored = factor(t, v, w, nu);
-      LPLB_ITICK(P, 5);
+      LPLB_TICK(P, 5);
       ++res.iterations;
       if (!factored) break;  // no usable factor: the reference's step is not finite
       const double mu = mu5[3] / n_var;
@@ -531,33 +555,23 @@ LPLB_HD Result solve(const blk::Team& t, const View& v, const T* loads, const Wo
       LPLB_PRAGMA(unroll 1)  // one copy of the code for both phases
       for (int phase = 0; phase < 2; ++phase) {
         const bool corr = phase == 1;
-        LPLB_ITICK(P, 10);
+        LPLB_TICK(P, 10);
         if (corr) corrector_rhs(t, v, w, smu);
-        LPLB_ITICK(P, 6);
+        LPLB_TICK(P, 6);
         blk::ldlt_subst(t, w.schur, R, R, w.u1, corr ? nullptr : w.u2, us);
-        LPLB_ITICK(P, 7);
+        LPLB_TICK(P, 7);
         if (!corr) u2sum = us[1];
         dTp = (us[0] - rT) / u2sum;
         direction(t, v, w, corr, smu, dTp, dir);
-        LPLB_ITICK(P, 8);
-        if (!corr) {
-          const double pa = step_to_boundary(dir[0], 1.0), pd = step_to_boundary(dir[1], 1.0);
-          // sum (x + ap dx)(z + ad dz), expanded
-          const double mu_aff = (mu5[3] + pa * dir[2] + pd * dir[3] + pa * pd * dir[4]) / n_var;
-          double sigma = clamp(mu_aff / mu, 0.0, 1.0);
-          sigma = sigma * sigma * sigma;
-          smu = sigma * mu;
-        }
+        LPLB_TICK(P, 8);
+        if (!corr) smu = centring(dir, mu5[3], mu, n_var);
       }
       const double dT = dTp + nu * rT;
-      const double eta = clamp(1.0 - mu, kEta, eta_max);
-      ap = step_to_boundary(dir[0], eta);
-      ad = step_to_boundary(dir[1], eta);
-      if (!(ap + ad < 3.0)) break;  // a NaN anywhere reaches dx or dz: frozen
+      if (!step_lengths(dir, mu, ap, ad)) break;  // a NaN anywhere reaches dx or dz: frozen
       Tv = Tv + ap * dT;
       move = true;
     }
-    res.converged = converged ? 1 : 0;
+    res.converged = pg.converged ? 1 : 0;
   } else {
     blk::pfor(t, E, [&](int e) { w.best[e] = 0.0; });
   }
@@ -590,7 +604,7 @@ LPLB_HD Result solve(const blk::Team& t, const View& v, const T* loads, const Wo
     w.load[r] = load;
     return load;
   });
-  LPLB_ITICK(P, 9);
+  LPLB_TICK(P, 9);
 #if defined(LPLB_PROF) && defined(__CUDA_ARCH__)
   if (threadIdx.x == 0)
     printf("iprof blk %d R %d M %d E %d its %d: start %lld update %lld experts %lld ranks %lld assemble %lld "

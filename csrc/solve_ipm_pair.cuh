@@ -245,7 +245,6 @@ LPLB_PRAGMA(unroll)
 // ends in sm.flow, its loads in sm.load, as ipm::solve leaves them in w.flow / w.load.
 template <int J, int NR, typename T>
 __device__ ipm::Result solve(const View& v, const T* loads, const Smem& sm, int max_iters, double tol) {
-  using ipm::kEpsF64;
   const int R = v.R, E = v.E, lane = threadIdx.x;
   ipm::Result res{1, 0, 0.0};
   [[maybe_unused]] pair::Prof P;
@@ -323,11 +322,10 @@ LPLB_PRAGMA(unroll)
 
     const double n_var = static_cast<double>(E + R);
     const double stop_tol = ipm::kSafety * tol;
-    const double eta_max = 1.0 - 100.0 * kEpsF64;
-    double ap = 0.0, ad = 0.0, best_merit = HUGE_VAL, inv = 0.0;
+    double ap = 0.0, ad = 0.0, inv = 0.0;
     double a_reg[NR];  // this lane's row of the factor
-    int stall = 0;
-    bool move = false, converged = false;
+    ipm::Progress pg;
+    bool move = false;
     for (;;) {
       // ---- apply the step (none in the first round), residuals and the Newton data
       // (ipm::update, ipm::experts, ipm::ranks)
@@ -421,25 +419,9 @@ LPLB_PRAGMA(unroll)
       LPLB_TICK(P, 2);
       const double rT = 1.0 - mu5[2];
       const double nu = mr[0] / (static_cast<double>(R) * R);
-      // ---- stop test; keep the best iterate (merit = max of the three measures); the
-      // starting point is the first best
-      bool better = true, stop = max_iters <= 0;
-      if (move) {
-        const double g = fabs(Tv - mu5[0] - mu5[1]) / (1.0 + fabs(Tv));
-        const double pinf = mr[1] / cnorm;
-        const double dinf = blk::nanmax(mu5[4], fabs(rT)) / 2.0;
-        const double merit = blk::nanmax(blk::nanmax(g, pinf), dinf);
-        better = merit < best_merit;
-        if (better) {
-          best_merit = merit;
-          stall = 0;
-        } else {
-          ++stall;
-        }
-        const bool met = better && merit <= stop_tol;
-        converged = converged || met;
-        stop = met || stall >= ipm::kStall || res.iterations == max_iters;
-      }
+      // ---- stop test; keep the best iterate
+      bool better;
+      const bool stop = ipm::stop_test(pg, move, Tv, mu5, mr, rT, cnorm, stop_tol, res.iterations, max_iters, better);
       if (better)
 LPLB_PRAGMA(unroll)
         for (int j = 0; j < J; ++j) {
@@ -549,23 +531,14 @@ LPLB_PRAGMA(unroll)
         LPLB_TICK(P, 7);
 LPLB_PRAGMA(unroll)
         for (int k = 0; k < 5; ++k) dir[k] = acc[k];
-        if (!corr) {
-          const double pa = ipm::step_to_boundary(dir[0], 1.0), pd = ipm::step_to_boundary(dir[1], 1.0);
-          const double mu_aff = (mu5[3] + pa * dir[2] + pd * dir[3] + pa * pd * dir[4]) / n_var;
-          double sigma = ipm::clamp(mu_aff / mu, 0.0, 1.0);
-          sigma = sigma * sigma * sigma;
-          smu = sigma * mu;
-        }
+        if (!corr) smu = ipm::centring(dir, mu5[3], mu, n_var);
       }
       const double dT = dTp + nu * rT;
-      const double eta = ipm::clamp(1.0 - mu, ipm::kEta, eta_max);
-      ap = ipm::step_to_boundary(dir[0], eta);
-      ad = ipm::step_to_boundary(dir[1], eta);
-      if (!(ap + ad < 3.0)) break;  // a NaN anywhere reaches dx or dz: frozen
+      if (!ipm::step_lengths(dir, mu, ap, ad)) break;  // a NaN reached dx or dz: frozen
       Tv = Tv + ap * dT;
       move = true;
     }
-    res.converged = converged ? 1 : 0;
+    res.converged = pg.converged ? 1 : 0;
   }
 
   // ---- finalisation (ipm::solve's): original units, non-negative, each expert's

@@ -45,22 +45,7 @@ constexpr int kMaxDegree = 8;    // edges per rank kept in registers
 
 constexpr unsigned kFull = 0xffffffffu;
 
-#ifdef LPLB_PROF  // phase timers for profiling builds (-DLPLB_PROF): one printf per block
-struct Prof {
-  long long acc[12] = {0};
-  long long last = 0;
-  __device__ void tick(int k) {
-    __syncwarp();
-    const long long now = clock64();
-    if (last) acc[k] += now - last;
-    last = now;
-  }
-};
-#define LPLB_TICK(P, k) (P).tick(k)
-#else
-struct Prof {};
-#define LPLB_TICK(P, k) ((void)0)
-#endif
+using Prof = blk::Prof<true>;  // phase timers of -DLPLB_PROF builds
 
 // Butterfly reductions; lane 0's result is broadcast so every lane holds the same bits.
 __device__ __forceinline__ double wsum(double v) {

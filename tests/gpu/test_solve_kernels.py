@@ -57,6 +57,17 @@ def _two_copy_placements():
     return out
 
 
+def _varied_loads(gen, n_logical, k):
+    """Load vector k of 6: steeper with k (up to ~27 orders of magnitude), rounded for
+    odd k, 30% zeros for k = 5."""
+    loads = (torch.rand(n_logical, generator=gen, dtype=torch.float64) ** (1 + 3 * k)) * 10 ** (2 + k % 3)
+    if k % 2:
+        loads = loads.round()
+    if k == 5:
+        loads[torch.rand(n_logical, generator=gen) < 0.3] = 0.0
+    return loads
+
+
 def test_one_warp_two_copy_solver_equals_general_kernel():
     """Same answer, certificate and bound as the general exact kernel and the reference,
     on every two-copy placement, with random and profile-like loads; the component
@@ -69,12 +80,7 @@ def test_one_warp_two_copy_solver_equals_general_kernel():
         assert ds.arrays.two_copy, name
         seen_pair += ds.arrays.max_ranks <= 32
         for k in range(6):
-            L = p.n_logical
-            loads = (torch.rand(L, generator=gen, dtype=torch.float64) ** (1 + 3 * k)) * 10 ** (2 + k % 3)
-            if k % 2:
-                loads = loads.round()
-            if k == 5:
-                loads[torch.rand(L, generator=gen) < 0.3] = 0.0
+            loads = _varied_loads(gen, p.n_logical, k)
             ds.use_pair = True
             a = ds.solve(loads.cuda())
             ds.use_pair = False
@@ -113,12 +119,7 @@ def test_one_warp_ipm_equals_general_ipm_kernel():
         ds, g, _ = _solver(p)
         seen_pair += ds.arrays.max_ranks <= 32
         for k in range(6):
-            L = p.n_logical
-            loads = (torch.rand(L, generator=gen, dtype=torch.float64) ** (1 + 3 * k)) * 10 ** (2 + k % 3)
-            if k % 2:
-                loads = loads.round()
-            if k == 5:
-                loads[torch.rand(L, generator=gen) < 0.3] = 0.0
+            loads = _varied_loads(gen, p.n_logical, k)
             for cap in (100, 0, 2):
                 ds.use_pair = True
                 a = ds.solve(loads.cuda(), "ipm", ipm_max_iters=cap)
