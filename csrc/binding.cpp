@@ -55,8 +55,8 @@ const int* int_ptr(const torch::Tensor& t, const char* name) {
 }
 
 // Solve stage.  arrays: the 15 int32 tensors of ComponentArrays.tensors(); sizes:
-// (n_comp, max_ranks, max_experts, max_edges, two_copy: 1 to allow the one-warp
-// two-copy exact solver); graph: (slot_edge int32 [P], edge_mult
+// (n_comp, max_ranks, max_experts, max_edges, two_copy: 1 when every movable expert
+// has two edges, one_warp: 1 to let small components take the one-warp solvers); graph: (slot_edge int32 [P], edge_mult
 // int32 [E], slot_share int32 [P], log2phy int64 [L, C], logcnt int64 [L]).
 // Returns (edge_flow f64 [E], rank_load f64 [R], status i32 [n_comp], bound f64
 // [n_comp], iters i32 [n_comp, 2], x f64 [P], cum f64 [L, C]), all on loads' device.
@@ -66,7 +66,8 @@ std::vector<torch::Tensor> solve(std::vector<torch::Tensor> arrays, std::vector<
                                  int64_t method, double lipschitz, int64_t max_rounds, int64_t ipm_max_iters,
                                  double ipm_tol, c10::optional<torch::Tensor> totals) {
   TORCH_CHECK(arrays.size() == 15, "solve: expected the 15 ComponentArrays tensors, got ", arrays.size());
-  TORCH_CHECK(sizes.size() == 5, "solve: sizes must be (n_comp, max_ranks, max_experts, max_edges, two_copy)");
+  TORCH_CHECK(sizes.size() == 6,
+              "solve: sizes must be (n_comp, max_ranks, max_experts, max_edges, two_copy, one_warp)");
   TORCH_CHECK(graph.size() == 5, "solve: graph must be (slot_edge, edge_mult, slot_share, log2phy, logcnt)");
   TORCH_CHECK(loads.is_cuda() && (loads.scalar_type() == torch::kInt32 || loads.scalar_type() == torch::kFloat64),
               "loads must be a CUDA int32 or float64 tensor, got ", loads.scalar_type());
@@ -99,7 +100,7 @@ std::vector<torch::Tensor> solve(std::vector<torch::Tensor> arrays, std::vector<
   auto x = torch::empty({n_phys}, f64);
   auto cum = torch::empty({log2phy.size(0), log2phy.size(1)}, f64);
   lplb::SolveSizes sz{static_cast<int>(sizes[1]), static_cast<int>(sizes[2]), static_cast<int>(sizes[3]),
-                      sizes[4] != 0};
+                      sizes[4] != 0, sizes[5] != 0};
   torch::Tensor schur;
   if (!lplb::solve_schur_in_smem(sz)) schur = torch::empty({n_comp * sz.max_ranks * sz.max_ranks}, f64);
   lplb::SolveOut out{edge_flow.data_ptr<double>(), rank_load.data_ptr<double>(), status.data_ptr<int32_t>(),

@@ -1,7 +1,8 @@
 // Solve kernels: one thread block per connected component of the replica graph
-// (solve_exact.cuh, solve_ipm.cuh; one warp for small two-copy components:
-// solve_pair.cuh, solve_ipm_pair.cuh), then one thread per logical expert turns the edge flow into the
-// per-slot split and the cumulative copy shares the map kernel reads.  No host sync.
+// (solve_exact.cuh, solve_ipm.cuh; one warp for small components: solve_pair.cuh and
+// solve_ipm_pair.cuh when two-copy, solve_ipm_warp.cuh for the IPM otherwise), then
+// one thread per logical expert turns the edge flow into the per-slot split and the
+// cumulative copy shares the map kernel reads.  No host sync.
 #include <cuda_runtime.h>
 
 #include "lplb_solve.h"
@@ -9,6 +10,7 @@
 #include "solve_exact.cuh"
 #include "solve_ipm.cuh"
 #include "solve_ipm_pair.cuh"
+#include "solve_ipm_warp.cuh"
 #include "solve_pair.cuh"
 
 namespace lplb {
@@ -93,6 +95,26 @@ __global__ void __launch_bounds__(32, 1) ipm_pair_kernel(CompArrays a, const T* 
   ipm_pair::Smem::layout(&sm, reinterpret_cast<char*>(smem + kRedDoubles), v.R, v.E);
 #if defined(__CUDA_ARCH__)  // (ipm_pair::solve is device code only)
   const ipm::Result r = ipm_pair::solve<J, NR>(v, loads, sm, max_iters, tol);
+  write_out(team, v, c, sm.flow, sm.load, r.converged, r.objective, r.iterations, 0, out);
+#endif
+}
+
+// The IPM in one warp per component, every component small (any number of copies per
+// expert; solve_ipm_warp.cuh), at most NR ranks.  The index arrays are staged in
+// shared memory after the scratch (work_bytes of it).
+template <int NR, typename T>
+__global__ void __launch_bounds__(32, 1) ipm_warp_kernel(CompArrays a, const T* loads, int max_iters, double tol,
+                                                      SolveOut out, size_t work_bytes) {
+  extern __shared__ double smem[];
+  pdl_trigger();  // the slots kernel may start (it waits for this one's end)
+  const int c = blockIdx.x;
+  blk::Team team{smem};
+  const View g = View::of(a, c);
+  const View v = g.stage(team, reinterpret_cast<int*>(reinterpret_cast<char*>(smem + kRedDoubles) + work_bytes));
+  ipm_warp::Smem sm;
+  ipm_warp::Smem::layout(&sm, reinterpret_cast<char*>(smem + kRedDoubles), v.R, v.E);
+#if defined(__CUDA_ARCH__)  // (ipm_warp::solve is device code only)
+  const ipm::Result r = ipm_warp::solve<NR>(v, loads, sm, max_iters, tol);
   write_out(team, v, c, sm.flow, sm.load, r.converged, r.objective, r.iterations, 0, out);
 #endif
 }
@@ -182,8 +204,10 @@ cudaError_t launch(const CompArrays& a, const SolveSizes& sz, const T* loads, in
   const size_t smem = head + work_bytes(method, sz, inside);
   double* schur = inside ? nullptr : schur_global;
   const int stride = sz.max_ranks * sz.max_ranks;
-  const bool small_pairs = inside && sz.two_copy && sz.max_ranks <= pair::kMaxRanks &&
+  const bool small_pairs = inside && sz.one_warp && sz.two_copy && sz.max_ranks <= pair::kMaxRanks &&
                            sz.max_experts <= pair::kMaxExperts;
+  const bool small_any = inside && sz.one_warp && sz.max_ranks <= ipm_warp::kMaxRanks &&
+                         sz.max_experts <= ipm_warp::kMaxExperts && sz.max_edges <= ipm_warp::kMaxEdges;
   if (method == 1 && small_pairs) {
     const size_t bytes = head + ipm_pair::Smem::layout(nullptr, nullptr, sz.max_ranks, sz.max_edges);
     const bool j1 = sz.max_experts <= 32;
@@ -192,6 +216,15 @@ cudaError_t launch(const CompArrays& a, const SolveSizes& sz, const T* loads, in
                                        : (j1 ? ipm_pair_kernel<1, 32, T> : ipm_pair_kernel<2, 32, T>);
     if (cudaError_t err = allow_smem(kernel, bytes); err != cudaSuccess) return err;
     kernel<<<a.n_comp, 32, bytes, stream>>>(a, loads, ipm_max_iters, ipm_tol, out);
+  } else if (method == 1 && small_any) {
+    const size_t work = ipm_warp::Smem::layout(nullptr, nullptr, sz.max_ranks, sz.max_edges);
+    const size_t staged = ((View::staged_ints(sz.max_ranks, sz.max_experts, sz.max_edges) * sizeof(int) + 7) / 8) * 8;
+    const size_t bytes = head + work + staged;
+    auto kernel = sz.max_ranks <= 8    ? ipm_warp_kernel<8, T>
+                  : sz.max_ranks <= 16 ? ipm_warp_kernel<16, T>
+                                       : ipm_warp_kernel<32, T>;
+    if (cudaError_t err = allow_smem(kernel, bytes); err != cudaSuccess) return err;
+    kernel<<<a.n_comp, 32, bytes, stream>>>(a, loads, ipm_max_iters, ipm_tol, out, work);
   } else if (method == 1) {
     auto kernel = inside ? ipm_kernel<T, true> : ipm_kernel<T, false>;
     if (cudaError_t err = allow_smem(kernel, smem); err != cudaSuccess) return err;

@@ -9,11 +9,12 @@
 namespace lplb {
 
 // Largest component of the graph (sizes the per-block scratch); two_copy: every movable
-// expert has exactly two edges (then small components take the one-warp solver of
-// solve_pair.cuh for the exact method).
+// expert has exactly two edges; one_warp: small components may take the one-warp
+// solvers (two-copy: solve_pair.cuh for exact, solve_ipm_pair.cuh for ipm; others:
+// solve_ipm_warp.cuh for ipm).
 struct SolveSizes {
   int max_ranks, max_experts, max_edges;
-  bool two_copy;
+  bool two_copy, one_warp;
 };
 
 // Whether one block's scratch, the R x R Newton / Schur matrix included, fits in shared

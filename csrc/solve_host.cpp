@@ -10,6 +10,7 @@
 #include "warp_emulation.h"
 #include "solve_pair.cuh"
 #include "solve_ipm_pair.cuh"
+#include "solve_ipm_warp.cuh"
 
 namespace {
 
@@ -141,6 +142,37 @@ int lplb_solve_ipm_pair_host(LPLB_HOST_ARRAYS, const double* loads, int max_iter
     lplb::ipm::Result r{};
     lplb::emu::run_warp([&] {
       const lplb::ipm::Result lane_r = solve_one(v, sm);
+      if (lplb::emu::t_lane == 0) r = lane_r;
+    });
+    lplb::write_out(team, v, c, sm.flow, sm.load, r.converged, r.objective, r.iterations, 0, out);
+  });
+  return 0;
+}
+
+// The IPM's one-warp solver for small components of any placement
+// (csrc/solve_ipm_warp.cuh), its warp emulated by 32 host threads: same arrays,
+// options and outputs as lplb_solve_ipm_host; every component must be within
+// ipm_warp::kMax*.  Returns 0, or 1 when a component is too large.
+int lplb_solve_ipm_warp_host(LPLB_HOST_ARRAYS, const double* loads, int max_iters, double tol, LPLB_HOST_OUT) {
+  LPLB_HOST_STRUCTS;
+  namespace iw = lplb::ipm_warp;
+  int max_r = 0;
+  for (int c = 0; c < n_comp; ++c) {
+    const lplb::View v = lplb::View::of(a, c);
+    if (v.R > iw::kMaxRanks || v.M > iw::kMaxExperts || v.E > iw::kMaxEdges) return 1;
+    max_r = v.R > max_r ? v.R : max_r;
+  }
+  each_component(a, [&](const lplb::blk::Team& team, const lplb::View& g, int c) {
+    std::vector<int> staged(lplb::View::staged_ints(g.R, g.M, g.E));
+    const lplb::View v = g.stage(team, staged.data());
+    std::vector<double> buf(iw::Smem::layout(nullptr, nullptr, v.R, v.E) / sizeof(double) + 1);
+    iw::Smem sm;
+    iw::Smem::layout(&sm, reinterpret_cast<char*>(buf.data()), v.R, v.E);
+    lplb::ipm::Result r{};
+    lplb::emu::run_warp([&] {  // the factor's registers (NR) as the CUDA launcher picks them
+      const lplb::ipm::Result lane_r = max_r <= 8    ? iw::solve<8>(v, loads, sm, max_iters, tol)
+                                       : max_r <= 16 ? iw::solve<16>(v, loads, sm, max_iters, tol)
+                                                     : iw::solve<32>(v, loads, sm, max_iters, tol);
       if (lplb::emu::t_lane == 0) r = lane_r;
     });
     lplb::write_out(team, v, c, sm.flow, sm.load, r.converged, r.objective, r.iterations, 0, out);

@@ -40,7 +40,7 @@ using pair::kMaxRanks;
 
 // Shared arrays of one block.  Sizes: E edges, R ranks.
 struct Smem {
-  double *a0, *a1, *a2, *a3;  // [E] per-edge values a rank sums (written by the experts)
+  double *a0, *a1, *a2, *a3, *a4;  // [E] per-edge values a rank sums (written by the experts)
   double* schur;              // [R x (R + 1)], padded rows
   double *flow, *load;        // [E], [R]: the answer
 
@@ -56,6 +56,7 @@ struct Smem {
     dbl(s ? &s->a1 : &dummy, E);
     dbl(s ? &s->a2 : &dummy, E);
     dbl(s ? &s->a3 : &dummy, E);
+    dbl(s ? &s->a4 : &dummy, E);
     dbl(s ? &s->schur : &dummy, static_cast<size_t>(R) * (R + 1));
     dbl(s ? &s->flow : &dummy, E);
     dbl(s ? &s->load : &dummy, R);
@@ -106,26 +107,28 @@ LPLB_PRAGMA(unroll)
   for (int k = 0; k < N; ++k) acc[k] = __shfl_sync(kFull, acc[k], 0);
 }
 
-// Per-rank sums of the four arrays (rank_edges order, as ipm::ranks).
-template <int J>
-__device__ __forceinline__ void rank_sum4(const View& v, const Lane<J>& L, const Smem& sm, double (&out)[4]) {
+// Sums over a rank's edges (rank_edges order) as ipm::ranks and ipm::corrector_rhs
+// form them: out[k] adds arr[k][e] (k < N) and out[N] adds da[e] * h[e] (a product
+// per edge, so that the device contracts it into the sum as ipm::solve does).
+template <int N, typename Ln>
+__device__ __forceinline__ void rank_sums(const View& v, const Ln& L, const double* const (&arr)[N],
+                                          const double* da, const double* h, double (&out)[N + 1]) {
   __syncwarp();
-  double s0 = 0.0, s1 = 0.0, s2 = 0.0, s3 = 0.0;
+  double s[N + 1];
+LPLB_PRAGMA(unroll)
+  for (int k = 0; k <= N; ++k) s[k] = 0.0;
   auto add = [&](int e) {
-    s0 += sm.a0[e];
-    s1 += sm.a1[e];
-    s2 += sm.a2[e];
-    s3 += sm.a3[e];
+LPLB_PRAGMA(unroll)
+    for (int k = 0; k < N; ++k) s[k] += arr[k][e];
+    s[N] += da[e] * h[e];
   };
 LPLB_PRAGMA(unroll)
   for (int q = 0; q < kMaxDegree; ++q)
     if (q < L.deg) add(L.edges[q]);
   for (int q = L.more_lo; q < L.more_hi; ++q) add(v.rank_edges[q]);
   __syncwarp();
-  out[0] = s0;
-  out[1] = s1;
-  out[2] = s2;
-  out[3] = s3;
+LPLB_PRAGMA(unroll)
+  for (int k = 0; k <= N; ++k) out[k] = s[k];
 }
 
 // S~ (ipm::assemble's values, both triangles) into sm.schur, with n_reg rounds of
@@ -142,7 +145,10 @@ __device__ __forceinline__ void assemble(const View& v, const Lane<J>& L, const 
     for (int b = 0; b < R; ++b) row[b] = 0.0;
     auto add = [&](int e, int p) {
       const int o = e ^ 1;
-      row[p] += r > p ? sm.a0[e] * sm.a1[o] : sm.a0[o] * sm.a1[e];
+      if (r > p)  // (two statements: each contracts as ipm::assemble's sum)
+        row[p] += sm.a0[e] * sm.a1[o];
+      else
+        row[p] += sm.a0[o] * sm.a1[e];
     };
 LPLB_PRAGMA(unroll)
     for (int q = 0; q < kMaxDegree; ++q)
@@ -171,9 +177,9 @@ LPLB_PRAGMA(unroll)
 // solve 5% faster at 32; applying each shuffled entry as it arrives instead of
 // fetching the whole row first was slower.)
 template <int NR>
-__device__ __forceinline__ int factor_reg(const Smem& sm, int n, double (&a)[NR], double& inv) {
+__device__ __forceinline__ int factor_reg(const double* schur, int n, double (&a)[NR], double& inv) {
   const int i = threadIdx.x, lda = n + 1;
-  const double* row = sm.schur + static_cast<size_t>(i) * lda;  // (assembled)
+  const double* row = schur + static_cast<size_t>(i) * lda;  // (assembled; padded rows)
 LPLB_PRAGMA(unroll)
   for (int j = 0; j < NR; ++j) a[j] = (i < n && j < n) ? row[j] : (i == j ? 1.0 : 0.0);
   bool my_bad = false;
@@ -395,15 +401,17 @@ LPLB_PRAGMA(unroll)
           sm.a1[2 * m + 1] = L.da[j][1] * (L.d[j][0] + 0.0);
           sm.a2[2 * m] = gx[0];
           sm.a2[2 * m + 1] = gx[1];
-          sm.a3[2 * m] = L.da[j][0] * L.hm[j];
-          sm.a3[2 * m + 1] = L.da[j][1] * L.hm[j];
+          sm.a3[2 * m] = L.da[j][0];
+          sm.a3[2 * m + 1] = L.da[j][1];
+          sm.a4[2 * m] = sm.a4[2 * m + 1] = L.hm[j];
         }
       }
       wreduce<5, 0x10u>(mu5);
       LPLB_TICK(P, 1);
       {
         double rs[4];  // sum y, sum t, sum gx, sum da h
-        rank_sum4(v, L, sm, rs);
+        const double* const plain[3] = {sm.a0, sm.a1, sm.a2};
+        rank_sums(v, L, plain, sm.a3, sm.a4, rs);
         const double rp = (L.f - Tv) + (rs[0] + L.s);
         const double dg = L.ds + rs[1];
         L.rp_r = rp;
@@ -441,13 +449,13 @@ LPLB_PRAGMA(unroll)
       LPLB_TICK(P, 10);
       assemble(v, L, sm, nu, 0, 0.0);
       LPLB_TICK(P, 3);
-      int bad = factor_reg<NR>(sm, R, a_reg, inv);
+      int bad = factor_reg<NR>(sm.schur, R, a_reg, inv);
       LPLB_TICK(P, 4);
       if (bad > 0) {
         const double reg_scale = wmax(L.has_rank ? L.diag + nu : -HUGE_VAL);
         for (int k = 1; k <= 4 && bad > 0; ++k) {
           assemble(v, L, sm, nu, k, reg_scale);
-          bad = factor_reg<NR>(sm, R, a_reg, inv);
+          bad = factor_reg<NR>(sm.schur, R, a_reg, inv);
         }
       }
       ++res.iterations;
@@ -475,14 +483,16 @@ LPLB_PRAGMA(unroll)
             if (L.has[j]) {
               sm.a0[2 * m] = gx[0];
               sm.a0[2 * m + 1] = gx[1];
-              sm.a1[2 * m] = L.da[j][0] * L.hm[j];
-              sm.a1[2 * m + 1] = L.da[j][1] * L.hm[j];
+              sm.a1[2 * m] = L.da[j][0];
+              sm.a1[2 * m + 1] = L.da[j][1];
+              sm.a2[2 * m] = sm.a2[2 * m + 1] = L.hm[j];
             }
           }
-          double sg, sh;
-          pair::rank_sum2(v, L, sm.a0, sm.a1, sg, sh);
+          const double* const plain[1] = {sm.a0};
+          double gh[2];  // sum gx, sum da h
+          rank_sums(v, L, plain, sm.a1, sm.a2, gh);
           const double gxs = (((smu - L.s * L.zs) - L.affs) - L.s * L.rds) * L.izs;
-          L.u1 = (L.rp_r + (sg + gxs)) + sh;
+          L.u1 = (L.rp_r + (gh[0] + gxs)) + gh[1];
         }
         LPLB_TICK(P, 5);
         subst_reg<NR>(a_reg, R, inv, !corr, L.u1, L.u2, us);

@@ -191,34 +191,39 @@ __device__ __forceinline__ void at_ranks(const Ln& L, double rank_val, int j, do
   vb = __shfl_sync(kFull, rank_val, L.rb[j]);
 }
 
-// A lane's rank (lane < R: its edges, up to kMaxDegree in registers, and its fixed
-// load) and its experts (lane + 32 j < M: their two ranks and slots), with each
-// expert's demand in dem[j]; 0 where absent.
+// A lane's rank (lane < R): its edges (rank_edges order, up to kMaxDegree in
+// registers, the rest as a range of rank_edges) and its fixed load; 0 beyond R.
 template <typename Ln, typename T>
-__device__ __forceinline__ void setup_lane(const View& v, const T* loads, Ln& L, double (&dem)[Ln::kJ]) {
+__device__ __forceinline__ void setup_rank(const View& v, const T* loads, Ln& L) {
   const int lane = threadIdx.x;
   L.has_rank = lane < v.R;
   const int lo = L.has_rank ? v.rank_ptr[lane] : 0, hi = L.has_rank ? v.rank_ptr[lane + 1] : 0;
   L.deg = hi - lo < kMaxDegree ? hi - lo : kMaxDegree;
 LPLB_PRAGMA(unroll)
-  for (int q = 0; q < kMaxDegree; ++q) {
-    L.edges[q] = q < L.deg ? v.rank_edges[lo + q] : 0;
-    L.partner[q] = q < L.deg ? v.edge_rank[L.edges[q] ^ 1] : 0;
-  }
+  for (int q = 0; q < kMaxDegree; ++q) L.edges[q] = q < L.deg ? v.rank_edges[lo + q] : 0;
   L.more_lo = lo + L.deg;
   L.more_hi = hi;
-  {
-    // Fixed loads: G = 32 / Rp lanes per rank (Rp: R rounded up to a power of two), each
-    // summing every G-th entry of the rank's list, then a butterfly over those lanes.
-    // A rank may own dozens of fixed experts (EP8: 32), and one lane walking the list
-    // waits on two dependent global loads per entry (measured: ~15k cycles at EP8).
-    int Rp = 1;
-    while (Rp < v.R) Rp <<= 1;
-    const int rr = lane & (Rp - 1), G = 32 / Rp;
-    double fs = rr < v.R ? fixed_load(v, loads, rr, lane / Rp, G) : 0.0;
-    for (int off = Rp; off < 32; off <<= 1) fs += __shfl_xor_sync(kFull, fs, off);
-    L.fixed = L.has_rank ? fs : 0.0;
-  }
+  // Fixed loads: G = 32 / Rp lanes per rank (Rp: R rounded up to a power of two), each
+  // summing every G-th entry of the rank's list, then a butterfly over those lanes.
+  // A rank may own dozens of fixed experts (EP8: 32), and one lane walking the list
+  // waits on two dependent global loads per entry (measured: ~15k cycles at EP8).
+  int Rp = 1;
+  while (Rp < v.R) Rp <<= 1;
+  const int rr = lane & (Rp - 1), G = 32 / Rp;
+  double fs = rr < v.R ? fixed_load(v, loads, rr, lane / Rp, G) : 0.0;
+  for (int off = Rp; off < 32; off <<= 1) fs += __shfl_xor_sync(kFull, fs, off);
+  L.fixed = L.has_rank ? fs : 0.0;
+}
+
+// setup_rank, the rank at each of its edges' other end, and the lane's experts
+// (lane + 32 j < M: their two ranks and slots), with each expert's demand in dem[j];
+// 0 where absent.
+template <typename Ln, typename T>
+__device__ __forceinline__ void setup_lane(const View& v, const T* loads, Ln& L, double (&dem)[Ln::kJ]) {
+  const int lane = threadIdx.x;
+  setup_rank(v, loads, L);
+LPLB_PRAGMA(unroll)
+  for (int q = 0; q < kMaxDegree; ++q) L.partner[q] = q < L.deg ? v.edge_rank[L.edges[q] ^ 1] : 0;
 LPLB_PRAGMA(unroll)
   for (int j = 0; j < Ln::kJ; ++j) {
     const int m = lane + 32 * j;

@@ -85,8 +85,10 @@ def solve_host(graph: SplitGraph, loads: torch.Tensor, method: str = "exact", **
     ``"exact"`` (option ``max_rounds``), ``"pair"`` (the exact method's one-warp
     two-copy solver, its warp emulated by 32 threads; same option; the graph must be
     two-copy with small components), ``"ipm"`` (options ``max_iters``, ``tol``;
-    defaults those of the torch IPM) or ``"ipm_pair"`` (the IPM's one-warp two-copy
-    solver, emulated likewise; same options and the same restriction as ``"pair"``)."""
+    defaults those of the torch IPM), ``"ipm_pair"`` (the IPM's one-warp two-copy
+    solver, emulated likewise; same options and the same restriction as ``"pair"``)
+    or ``"ipm_warp"`` (the IPM's one-warp solver for components of at most 32 ranks,
+    experts and edges, any placement)."""
     arrays = ComponentArrays.from_graph(graph)
     lib = library()
     ints = _int_arrays(arrays)
@@ -104,9 +106,10 @@ def solve_host(graph: SplitGraph, loads: torch.Tensor, method: str = "exact", **
         fn = lib.lplb_solve_exact_host if method == "exact" else lib.lplb_solve_pair_host
         rc = fn(ctypes.c_int(C), *pi, _ptr(ld, ctypes.c_double), ctypes.c_double(arrays.lipschitz),
                 ctypes.c_int(options.get("max_rounds", 5)), *tail)
-    elif method in ("ipm", "ipm_pair"):
+    elif method in ("ipm", "ipm_pair", "ipm_warp"):
         defaults = _ipm_defaults()
-        fn = lib.lplb_solve_ipm_host if method == "ipm" else lib.lplb_solve_ipm_pair_host
+        fn = {"ipm": lib.lplb_solve_ipm_host, "ipm_pair": lib.lplb_solve_ipm_pair_host,
+              "ipm_warp": lib.lplb_solve_ipm_warp_host}[method]
         rc = fn(ctypes.c_int(C), *pi, _ptr(ld, ctypes.c_double),
                 ctypes.c_int(int(options.get("max_iters", defaults["max_iters"]))),
                 ctypes.c_double(float(options.get("tol", defaults["tol"]))), *tail)

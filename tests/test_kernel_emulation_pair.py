@@ -1,7 +1,7 @@
-"""The one-warp two-copy solvers, exact (csrc/solve_pair.cuh) and IPM
-(csrc/solve_ipm_pair.cuh), built for the CPU with their warp emulated by 32 threads
-(csrc/warp_emulation.h), against the references and against the general kernels' CPU
-builds.
+"""The one-warp solvers, exact (csrc/solve_pair.cuh, two-copy) and IPM
+(csrc/solve_ipm_pair.cuh, two-copy; csrc/solve_ipm_warp.cuh, any placement), built for
+the CPU with their warp emulated by 32 threads (csrc/warp_emulation.h), against the
+references and against the general kernels' CPU builds.
 
 The emulation also checks that every shuffle and __syncwarp is reached by all 32 lanes
 from the same line (a divergent one aborts), so a warp-synchronisation bug that would
@@ -113,8 +113,8 @@ def test_failed_attempts_stop_early():
 # iteration counts and status must be equal and values equal to rounding.
 
 
-def _ipm_pair_vs_general(graph, loads, **options):
-    got = emu.solve_host(graph, loads, "ipm_pair", **options)
+def _ipm_pair_vs_general(graph, loads, method="ipm_pair", **options):
+    got = emu.solve_host(graph, loads, method, **options)
     gen = emu.solve_host(graph, loads, "ipm", **options)
     scale = max(float(gen.bound.max()) if gen.bound.size else 0.0, 1e-12)
     assert (got.status == gen.status).all() and (got.iters == gen.iters).all()
@@ -153,8 +153,30 @@ def test_ipm_caps_zero_loads_and_multiplicity_two():
     _ipm_pair_vs_general(g, one)
 
 
+def test_ipm_warp_same_iterations_as_general_kernel_any_placement():
+    """csrc/solve_ipm_warp.cuh (one warp, experts with any number of copies) against
+    the block IPM's CPU build on every instance with at most 32 edges per component,
+    EPLB placements included, and with iteration caps."""
+    seen = eplb = 0
+    for inst in instances(120, seed=9):
+        a = ComponentArrays.from_graph(inst.graph)
+        if a.max_edges > 32:
+            continue
+        seen += 1
+        eplb += not a.two_copy
+        got = _ipm_pair_vs_general(inst.graph, inst.loads, method="ipm_warp")
+        ref = solve_ipm(inst.graph, inst.loads)
+        assert bool(got.status.all()) == ref.converged, inst.name
+        if seen % 10 == 0:
+            for cap in (0, 2):
+                _ipm_pair_vs_general(inst.graph, inst.loads, method="ipm_warp", max_iters=cap)
+    assert seen >= 30 and eplb >= 10, (seen, eplb)
+
+
 def test_ipm_components_too_large_are_refused():
     inst = next(i for i in instances(400, seed=17) if not _pair_solvable(i.graph) and
                 ComponentArrays.from_graph(i.graph).two_copy)
     with pytest.raises(AssertionError):
         emu.solve_host(inst.graph, inst.loads, "ipm_pair")
+    with pytest.raises(AssertionError):
+        emu.solve_host(inst.graph, inst.loads, "ipm_warp")

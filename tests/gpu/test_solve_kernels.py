@@ -6,7 +6,8 @@ import logging
 import pytest
 import torch
 
-from instances import instances, mult2_placement, random_placement, rel_diff, topology_placements
+from instances import eplb_placements, instances, mult2_placement, random_placement, rel_diff, topology_placements
+from lplb_plugin.data import load_profile
 from lplb_plugin import Planner, kernels, topology
 from lplb_plugin.errors import LPLBInputError
 from lplb_plugin.layout import ExpertPlacement
@@ -25,12 +26,12 @@ def _solver(inst_or_placement, graph=None):
     return kernels.DeviceSolver(g, p.log2phy, p.logcnt, torch.device("cuda")), g, p
 
 
-@pytest.mark.parametrize("use_pair", [True, False], ids=["one-warp-two-copy", "general"])
-def test_exact_kernel_matches_reference_on_300_instances(use_pair):
+@pytest.mark.parametrize("use_warp", [True, False], ids=["one-warp", "block"])
+def test_exact_kernel_matches_reference_on_300_instances(use_warp):
     worst = 0.0
     for inst in instances(300, seed=21):
         ds, g, p = _solver(inst, inst.graph)
-        ds.use_pair = use_pair and ds.use_pair
+        ds.use_warp = use_warp
         split = ds.solve(inst.loads.cuda(), "exact")
         ref = solve_exact(g, inst.loads)
         scale = float(inst.loads.max())
@@ -81,9 +82,9 @@ def test_one_warp_two_copy_solver_equals_general_kernel():
         seen_pair += ds.arrays.max_ranks <= 32
         for k in range(6):
             loads = _varied_loads(gen, p.n_logical, k)
-            ds.use_pair = True
+            ds.use_warp = True
             a = ds.solve(loads.cuda())
-            ds.use_pair = False
+            ds.use_warp = False
             b = ds.solve(loads.cuda())
             ref = solve_exact(g, loads)
             scale = float(loads.max())
@@ -99,7 +100,7 @@ def test_one_warp_two_copy_solver_equals_general_kernel():
                 assert bool((flow >= 0).all()) and torch.allclose(sums, g.demands(loads), rtol=1e-9, atol=1e-9)
         # the fallback path (no certification round) gives the even split, reported
         # (every expert loaded: a component with no demand is trivially certified)
-        ds.use_pair = True
+        ds.use_warp = True
         loads = loads.clamp_min(1.0)
         fb = ds.solve(loads.cuda(), max_rounds=0)
         has_edges = (ds.arrays.comp_edge_off[1:] > ds.arrays.comp_edge_off[:-1]).cpu()
@@ -109,21 +110,23 @@ def test_one_warp_two_copy_solver_equals_general_kernel():
 
 
 def test_one_warp_ipm_equals_general_ipm_kernel():
-    """The IPM's one-warp two-copy solver runs the general IPM kernel's iteration:
-    same iteration counts and status, objective and flows equal to rounding, on every
-    two-copy placement (components of 8-32 ranks take it, larger ones the general
-    kernel), with random loads, zero loads and an iteration cap of 0 and 2."""
+    """The IPM's one-warp solvers run the block IPM kernel's iteration: same iteration
+    counts and status, objective and flows equal to rounding, on every two-copy
+    placement (components of 8-32 ranks take solve_ipm_pair.cuh, larger ones the block
+    kernel) and on EPLB placements (components of at most 32 edges take
+    solve_ipm_warp.cuh), with varied loads, zero loads and iteration caps 0 and 2."""
     gen = torch.Generator().manual_seed(6)
-    seen_pair = 0
-    for name, p in _two_copy_placements():
+    seen_pair = seen_any = 0
+    for name, p in _two_copy_placements() + eplb_placements(load_profile("decode")[5]):
         ds, g, _ = _solver(p)
-        seen_pair += ds.arrays.max_ranks <= 32
+        seen_pair += ds.two_copy and ds.arrays.max_ranks <= 32
+        seen_any += not ds.two_copy and ds.arrays.max_edges <= 32
         for k in range(6):
             loads = _varied_loads(gen, p.n_logical, k)
             for cap in (100, 0, 2):
-                ds.use_pair = True
+                ds.use_warp = True
                 a = ds.solve(loads.cuda(), "ipm", ipm_max_iters=cap)
-                ds.use_pair = False
+                ds.use_warp = False
                 b = ds.solve(loads.cuda(), "ipm", ipm_max_iters=cap)
                 scale = max(float(b.bound.max()), 1e-12)
                 assert torch.equal(a.status, b.status) and torch.equal(a.iters, b.iters), (name, k, cap)
@@ -131,7 +134,7 @@ def test_one_warp_ipm_equals_general_ipm_kernel():
                 assert float((a.bound - b.bound).abs().max()) <= 1e-12 * scale, (name, k, cap)
         zero = ds.solve(torch.zeros(p.n_logical, dtype=torch.float64, device="cuda"), "ipm")
         assert bool(zero.status.all()) and float(zero.edge_flow.abs().max()) == 0.0, name
-    assert seen_pair >= 10
+    assert seen_pair >= 10 and seen_any >= 2, (seen_pair, seen_any)
 
 
 def test_int32_and_float64_loads_agree():
@@ -170,12 +173,12 @@ def test_fallback_is_reported_and_valid():
     assert n_bad > 0 and totals.cpu().tolist() == [3, 5 + n_bad]
 
 
-@pytest.mark.parametrize("use_pair", [True, False], ids=["one-warp-two-copy", "general"])
-def test_ipm_kernel_matches_torch_ipm(use_pair):
+@pytest.mark.parametrize("use_warp", [True, False], ids=["one-warp", "block"])
+def test_ipm_kernel_matches_torch_ipm(use_warp):
     worst = 0.0
     for inst in instances(120, seed=8):
         ds, g, _ = _solver(inst, inst.graph)
-        ds.use_pair = use_pair and ds.use_pair
+        ds.use_warp = use_warp
         split = ds.solve(inst.loads.cuda(), "ipm")
         ref = solve_ipm(g, inst.loads)
         fixed = g.fixed_loads(inst.loads)
