@@ -247,6 +247,133 @@ LPLB_PRAGMA(unroll)
   sums[1] = s[1];
 }
 
+// ---- the rank lane's part of each pass, the same in both one-warp solvers
+// (solve_ipm_warp.cuh too); Ln: a lane with the rank fields of Lane<J>.
+
+// The starting point's rank part: s = T - load; adds x z (x = s, z = 1 / R), x and z
+// into sums.
+template <typename Ln>
+__device__ __forceinline__ void rank_start(Ln& L, double Tv, double load, double wi, double (&sums)[3]) {
+  L.s = Tv - load;
+  if (L.has_rank) {
+    sums[0] += L.s * wi;
+    sums[1] += L.s;
+    sums[2] += wi;
+  }
+}
+
+// ... after Mehrotra's shift dx0, dz0: s, z_s, w and zero directions.
+template <typename Ln>
+__device__ __forceinline__ void rank_shift(Ln& L, double wi, double dx0, double dz0) {
+  L.s = L.s + dx0;
+  L.zs = wi + dz0;
+  L.w = wi;
+  L.dw = L.dxs = L.dzs = 0.0;
+}
+
+// ipm::update's rank part: the step (when move), 1 / s, 1 / z_s, d_s, the dual
+// residual and gx_s; folds f.w, sum w, x z and |rd| into mu5.
+template <typename Ln>
+__device__ __forceinline__ void rank_update(Ln& L, bool move, double ap, double ad, double (&mu5)[5]) {
+  if (move) {
+    L.s = L.s + ap * L.dxs;
+    L.zs = L.zs + ad * L.dzs;
+    L.w = L.w + ad * L.dw;
+  }
+  L.izs = 1.0 / L.zs;
+  L.rds = L.w - L.zs;
+  const double xz = L.s * L.zs;
+  L.is = 1.0 / L.s;
+  L.ds = L.s * L.izs;
+  L.gxs = (-xz - L.s * L.rds) * L.izs;
+  if (L.has_rank) {
+    mu5[1] += L.f * L.w;
+    mu5[2] += L.w;
+    mu5[3] += xz;
+    mu5[4] = blk::nanmax(mu5[4], fabs(L.rds));
+  }
+}
+
+// ipm::ranks' rank part from the rank's sums rs = {y, t, gx, da h}: the primal
+// residual, the Schur diagonal and the predictor's right-hand sides (u1, u2 = 1);
+// folds the diagonal and |residual| into mr.
+template <typename Ln>
+__device__ __forceinline__ void rank_newton_data(Ln& L, double Tv, const double (&rs)[4], double (&mr)[2]) {
+  const double rp = (L.f - Tv) + (rs[0] + L.s);
+  const double dg = L.ds + rs[1];
+  L.rp_r = rp;
+  L.diag = dg;
+  L.u1 = (rp + (rs[2] + L.gxs)) + rs[3];
+  L.u2 = 1.0;
+  if (L.has_rank) {
+    mr[0] += dg;
+    mr[1] = blk::nanmax(mr[1], fabs(rp));
+  }
+}
+
+// ipm::corrector_rhs's rank part from the rank's sums gh = {gx, da h}.
+template <typename Ln>
+__device__ __forceinline__ void rank_corrector_rhs(Ln& L, double smu, const double (&gh)[2]) {
+  const double gxs = (((smu - L.s * L.zs) - L.affs) - L.s * L.rds) * L.izs;
+  L.u1 = (L.rp_r + (gh[0] + gxs)) + gh[1];
+}
+
+// ipm::direction's sums over variables: max -dx / x, max -dz / z, sum dx z, sum x dz,
+// sum dx dz.
+struct DirSums {
+  double acc[5] = {-HUGE_VAL, -HUGE_VAL, 0.0, 0.0, 0.0};
+  __device__ __forceinline__ void fold(double x, double z, double ix, double iz, double dx, double dz) {
+    acc[0] = blk::nanmax(acc[0], -(dx * ix));
+    acc[1] = blk::nanmax(acc[1], -(dz * iz));
+    acc[2] += dx * z;
+    acc[3] += x * dz;
+    acc[4] += dx * dz;
+  }
+};
+
+// ipm::direction's rank part: dw = u1 - dT' u2, then dx_s, dz_s (the predictor keeps
+// their product).
+template <typename Ln>
+__device__ __forceinline__ void rank_direction(Ln& L, bool corr, double smu, double dTp, DirSums& ds) {
+  L.dw = L.u1 - dTp * L.u2;
+  const double x = L.s, z = L.zs, xz = x * z;
+  const double rc = corr ? (smu - xz) - L.affs : -xz;
+  const double dx = L.ds * (0.0 - L.dw) + (rc - x * L.rds) * L.izs;
+  const double dz = (rc - z * dx) * L.is;
+  L.dxs = dx;
+  L.dzs = dz;
+  if (!corr) L.affs = dx * dz;
+  if (L.has_rank) ds.fold(x, z, L.is, L.izs, dx, dz);
+}
+
+// factor_reg with ipm::factor's regularisation: on a pivot <= 0, S~ is rebuilt with
+// 1e-12 * max diag more on its diagonal (then x100, at most 4 times) by
+// assemble(n_reg, reg_scale).  Returns the number of bad pivots left (0: a factor).
+template <int NR, typename Ln, typename Assemble>
+__device__ __forceinline__ int factor_regularised(const double* schur, int n, const Ln& L, double nu,
+                                                  double (&a)[NR], double& inv, Assemble&& assemble) {
+  assemble(0, 0.0);
+  int bad = factor_reg<NR>(schur, n, a, inv);
+  if (bad > 0) {
+    const double reg_scale = wmax(L.has_rank ? L.diag + nu : -HUGE_VAL);
+    for (int k = 1; k <= 4 && bad > 0; ++k) {
+      assemble(k, reg_scale);
+      bad = factor_reg<NR>(schur, n, a, inv);
+    }
+  }
+  return bad;
+}
+
+// The loads of the final split (in flow) into load; returns their max.
+template <typename Ln>
+__device__ __forceinline__ double final_loads(const View& v, const Ln& L, const double* flow, double* load) {
+  const double ld = L.fixed + pair::rank_sum(v, L, flow);
+  if (L.has_rank) load[threadIdx.x] = ld;
+  const double mx = wmax(L.has_rank ? ld : -HUGE_VAL);
+  __syncwarp();
+  return mx;
+}
+
 // Solves the component (one warp; J experts per lane; at most NR ranks); the split
 // ends in sm.flow, its loads in sm.load, as ipm::solve leaves them in w.flow / w.load.
 template <int J, int NR, typename T>
@@ -293,12 +420,7 @@ LPLB_PRAGMA(unroll)
     double Tv = wmax(L.has_rank ? load : -HUGE_VAL);
     const double wi = 1.0 / R;
     double sums[3] = {0.0, 0.0, 0.0};  // x.z, sum x, sum z
-    L.s = Tv - load;
-    if (L.has_rank) {
-      sums[0] += L.s * wi;
-      sums[1] += L.s;
-      sums[2] += wi;
-    }
+    rank_start(L, Tv, load, wi, sums);
 LPLB_PRAGMA(unroll)
     for (int j = 0; j < J; ++j)
       if (L.has[j])
@@ -321,10 +443,7 @@ LPLB_PRAGMA(unroll)
         L.dx[j][k] = L.dz[j][k] = 0.0;
       }
     }
-    L.s = L.s + dx0;
-    L.zs = wi + dz0;
-    L.w = wi;
-    L.dw = L.dxs = L.dzs = 0.0;
+    rank_shift(L, wi, dx0, dz0);
 
     const double n_var = static_cast<double>(E + R);
     const double stop_tol = ipm::kSafety * tol;
@@ -338,25 +457,7 @@ LPLB_PRAGMA(unroll)
       double mu5[5] = {0.0, 0.0, 0.0, 0.0, -HUGE_VAL};  // c.lambda, f.w, sum w, sum x z, max |rd|
       double mr[2] = {0.0, -HUGE_VAL};                  // sum diag, max |primal residual|
       LPLB_TICK(P, 0);
-      if (move) {
-        L.s = L.s + ap * L.dxs;
-        L.zs = L.zs + ad * L.dzs;
-        L.w = L.w + ad * L.dw;
-      }
-      {
-        L.izs = 1.0 / L.zs;
-        L.rds = L.w - L.zs;
-        const double xz = L.s * L.zs;
-        L.is = 1.0 / L.s;
-        L.ds = L.s * L.izs;
-        L.gxs = (-xz - L.s * L.rds) * L.izs;
-        if (L.has_rank) {
-          mu5[1] += L.f * L.w;
-          mu5[2] += L.w;
-          mu5[3] += xz;
-          mu5[4] = blk::nanmax(mu5[4], fabs(L.rds));
-        }
-      }
+      rank_update(L, move, ap, ad, mu5);
 LPLB_PRAGMA(unroll)
       for (int j = 0; j < J; ++j) {
         const int m = lane + 32 * j;
@@ -412,16 +513,7 @@ LPLB_PRAGMA(unroll)
         double rs[4];  // sum y, sum t, sum gx, sum da h
         const double* const plain[3] = {sm.a0, sm.a1, sm.a2};
         rank_sums(v, L, plain, sm.a3, sm.a4, rs);
-        const double rp = (L.f - Tv) + (rs[0] + L.s);
-        const double dg = L.ds + rs[1];
-        L.rp_r = rp;
-        L.diag = dg;
-        L.u1 = (rp + (rs[2] + L.gxs)) + rs[3];
-        L.u2 = 1.0;
-        if (L.has_rank) {
-          mr[0] += dg;
-          mr[1] = blk::nanmax(mr[1], fabs(rp));
-        }
+        rank_newton_data(L, Tv, rs, mr);
       }
       wreduce<2, 2u>(mr);
       LPLB_TICK(P, 2);
@@ -447,17 +539,10 @@ LPLB_PRAGMA(unroll)
         e1 = L.da[j][1];
       });
       LPLB_TICK(P, 10);
-      assemble(v, L, sm, nu, 0, 0.0);
-      LPLB_TICK(P, 3);
-      int bad = factor_reg<NR>(sm.schur, R, a_reg, inv);
+      const int bad = factor_regularised(sm.schur, R, L, nu, a_reg, inv, [&](int n_reg, double reg_scale) {
+        assemble(v, L, sm, nu, n_reg, reg_scale);
+      });
       LPLB_TICK(P, 4);
-      if (bad > 0) {
-        const double reg_scale = wmax(L.has_rank ? L.diag + nu : -HUGE_VAL);
-        for (int k = 1; k <= 4 && bad > 0; ++k) {
-          assemble(v, L, sm, nu, k, reg_scale);
-          bad = factor_reg<NR>(sm.schur, R, a_reg, inv);
-        }
-      }
       ++res.iterations;
       if (bad > 0) break;  // no usable factor: the reference's step is not finite
       const double mu = mu5[3] / n_var;
@@ -491,33 +576,15 @@ LPLB_PRAGMA(unroll)
           const double* const plain[1] = {sm.a0};
           double gh[2];  // sum gx, sum da h
           rank_sums(v, L, plain, sm.a1, sm.a2, gh);
-          const double gxs = (((smu - L.s * L.zs) - L.affs) - L.s * L.rds) * L.izs;
-          L.u1 = (L.rp_r + (gh[0] + gxs)) + gh[1];
+          rank_corrector_rhs(L, smu, gh);
         }
         LPLB_TICK(P, 5);
         subst_reg<NR>(a_reg, R, inv, !corr, L.u1, L.u2, us);
         if (!corr) u2sum = us[1];
         dTp = (us[0] - rT) / u2sum;
         // ipm::direction: dw = u1 - dT' u2, dlambda, dx, dz; the predictor keeps dx dz
-        double acc[5] = {-HUGE_VAL, -HUGE_VAL, 0.0, 0.0, 0.0};
-        auto fold = [&](double x, double z, double ix, double iz, double dx, double dz) {
-          acc[0] = blk::nanmax(acc[0], -(dx * ix));
-          acc[1] = blk::nanmax(acc[1], -(dz * iz));
-          acc[2] += dx * z;
-          acc[3] += x * dz;
-          acc[4] += dx * dz;
-        };
-        L.dw = L.u1 - dTp * L.u2;
-        {
-          const double x = L.s, z = L.zs, xz = x * z;
-          const double rc = corr ? (smu - xz) - L.affs : -xz;
-          const double dx = L.ds * (0.0 - L.dw) + (rc - x * L.rds) * L.izs;
-          const double dz = (rc - z * dx) * L.is;
-          L.dxs = dx;
-          L.dzs = dz;
-          if (!corr) L.affs = dx * dz;
-          if (L.has_rank) fold(x, z, L.is, L.izs, dx, dz);
-        }
+        DirSums ds;
+        rank_direction(L, corr, smu, dTp, ds);
 LPLB_PRAGMA(unroll)
         for (int j = 0; j < J; ++j) {
           double dwk[2];
@@ -534,13 +601,13 @@ LPLB_PRAGMA(unroll)
             L.dx[j][k] = dx;
             L.dz[j][k] = dz;
             if (!corr) L.aff[j][k] = dx * dz;
-            if (L.has[j]) fold(x, z, L.iy[j][k], L.iz[j][k], dx, dz);
+            if (L.has[j]) ds.fold(x, z, L.iy[j][k], L.iz[j][k], dx, dz);
           }
         }
-        wreduce<5, 0x3u>(acc);
+        wreduce<5, 0x3u>(ds.acc);
         LPLB_TICK(P, 7);
 LPLB_PRAGMA(unroll)
-        for (int k = 0; k < 5; ++k) dir[k] = acc[k];
+        for (int k = 0; k < 5; ++k) dir[k] = ds.acc[k];
         if (!corr) smu = ipm::centring(dir, mu5[3], mu, n_var);
       }
       const double dT = dTp + nu * rT;
@@ -569,17 +636,14 @@ LPLB_PRAGMA(unroll)
     e0 = dm > 0.0 ? o0 : 0.0;
     e1 = dm > 0.0 ? o1 : 0.0;
   });
-  const double ld = L.fixed + pair::rank_sum(v, L, sm.flow);
-  if (L.has_rank) sm.load[lane] = ld;
-  res.objective = wmax(L.has_rank ? ld : -HUGE_VAL);
-  __syncwarp();
+  res.objective = final_loads(v, L, sm.flow, sm.load);
   LPLB_TICK(P, 8);
 #ifdef LPLB_PROF
   if (lane == 0)
-    printf("ipprof blk %d R %d M %d its %d: start %lld update %lld ranks %lld assemble %lld factor %lld crhs %lld "
+    printf("ipprof blk %d R %d M %d its %d: start %lld update %lld ranks %lld assemble+factor %lld crhs %lld "
            "subst %lld dir %lld final %lld other %lld\n",
-           blockIdx.x, v.R, v.M, res.iterations, P.acc[0], P.acc[1], P.acc[2], P.acc[3], P.acc[4], P.acc[5],
-           P.acc[6], P.acc[7], P.acc[8], P.acc[10]);
+           blockIdx.x, v.R, v.M, res.iterations, P.acc[0], P.acc[1], P.acc[2], P.acc[4], P.acc[5], P.acc[6],
+           P.acc[7], P.acc[8], P.acc[10]);
 #endif
   return res;
 }

@@ -61,6 +61,18 @@ struct Smem {
 using pair::kFull;
 using pair::kMaxDegree;
 using pair::wmax;
+// the rank lane's parts of the passes, the factor and the reductions
+using ipm_pair::DirSums;
+using ipm_pair::factor_regularised;
+using ipm_pair::final_loads;
+using ipm_pair::rank_corrector_rhs;
+using ipm_pair::rank_direction;
+using ipm_pair::rank_newton_data;
+using ipm_pair::rank_shift;
+using ipm_pair::rank_start;
+using ipm_pair::rank_sums;
+using ipm_pair::rank_update;
+using ipm_pair::subst_reg;
 using ipm_pair::wreduce;
 
 // Registers of lane l: rank l, expert l, edge l.  Names as ipm::Work's arrays.
@@ -162,12 +174,7 @@ __device__ ipm::Result solve(const View& v, const T* loads, const Smem& sm, int 
     double Tv = wmax(L.has_rank ? load : -HUGE_VAL);
     const double wi = 1.0 / R;
     double sums[3] = {0.0, 0.0, 0.0};  // x.z, sum x, sum z
-    L.s = Tv - load;
-    if (L.has_rank) {
-      sums[0] += L.s * wi;
-      sums[1] += L.s;
-      sums[2] += wi;
-    }
+    rank_start(L, Tv, load, wi, sums);
     if (L.has_edge) {
       sums[0] += L.y * wi;
       sums[1] += L.y;
@@ -180,10 +187,7 @@ __device__ ipm::Result solve(const View& v, const T* loads, const Smem& sm, int 
     L.z = wi + dz0;
     L.dx = L.dz = 0.0;
     L.lam = L.dlam = 0.0;
-    L.s = L.s + dx0;
-    L.zs = wi + dz0;
-    L.w = wi;
-    L.dw = L.dxs = L.dzs = 0.0;
+    rank_shift(L, wi, dx0, dz0);
 
     const double n_var = static_cast<double>(E + R);
     const double stop_tol = ipm::kSafety * tol;
@@ -196,27 +200,11 @@ __device__ ipm::Result solve(const View& v, const T* loads, const Smem& sm, int 
       // (ipm::update, ipm::experts, ipm::ranks)
       double mu5[5] = {0.0, 0.0, 0.0, 0.0, -HUGE_VAL};  // c.lambda, f.w, sum w, sum x z, max |rd|
       double mr[2] = {0.0, -HUGE_VAL};                  // sum diag, max |primal residual|
+      rank_update(L, move, ap, ad, mu5);
       if (move) {
-        L.s = L.s + ap * L.dxs;
-        L.zs = L.zs + ad * L.dzs;
-        L.w = L.w + ad * L.dw;
         L.lam = L.lam + ad * L.dlam;
         L.y = L.y + ap * L.dx;
         L.z = L.z + ad * L.dz;
-      }
-      {
-        L.izs = 1.0 / L.zs;
-        L.rds = L.w - L.zs;
-        const double xz = L.s * L.zs;
-        L.is = 1.0 / L.s;
-        L.ds = L.s * L.izs;
-        L.gxs = (-xz - L.s * L.rds) * L.izs;
-        if (L.has_rank) {
-          mu5[1] += L.f * L.w;
-          mu5[2] += L.w;
-          mu5[3] += xz;
-          mu5[4] = blk::nanmax(mu5[4], fabs(L.rds));
-        }
       }
       {
         const double wr = __shfl_sync(kFull, L.w, L.er), lm = __shfl_sync(kFull, L.lam, L.em);
@@ -264,18 +252,9 @@ __device__ ipm::Result solve(const View& v, const T* loads, const Smem& sm, int 
       {
         double rs[4];  // sum y, sum t, sum gx, sum da h
         const double* const plain[3] = {sm.y, sm.t, sm.gx};
-        ipm_pair::rank_sums(v, L, plain, sm.da, sm.h, rs);
+        rank_sums(v, L, plain, sm.da, sm.h, rs);
         L.da = L.has_edge ? sm.da[lane] : 0.0;
-        const double rp = (L.f - Tv) + (rs[0] + L.s);
-        const double dg = L.ds + rs[1];
-        L.rp_r = rp;
-        L.diag = dg;
-        L.u1 = (rp + (rs[2] + L.gxs)) + rs[3];
-        L.u2 = 1.0;
-        if (L.has_rank) {
-          mr[0] += dg;
-          mr[1] = blk::nanmax(mr[1], fabs(rp));
-        }
+        rank_newton_data(L, Tv, rs, mr);
       }
       wreduce<2, 2u>(mr);
       const double rT = 1.0 - mu5[2];
@@ -286,15 +265,9 @@ __device__ ipm::Result solve(const View& v, const T* loads, const Smem& sm, int 
       if (better && L.has_edge) sm.flow[lane] = L.y;
       if (stop) break;
       // ---- S~ and its factor (ipm::assemble, ipm::factor); sm.d and sm.da hold d, da
-      assemble(v, L, sm, nu, 0, 0.0);
-      int bad = ipm_pair::factor_reg<NR>(sm.schur, R, a_reg, inv);
-      if (bad > 0) {
-        const double reg_scale = wmax(L.has_rank ? L.diag + nu : -HUGE_VAL);
-        for (int k = 1; k <= 4 && bad > 0; ++k) {
-          assemble(v, L, sm, nu, k, reg_scale);
-          bad = ipm_pair::factor_reg<NR>(sm.schur, R, a_reg, inv);
-        }
-      }
+      const int bad = factor_regularised(sm.schur, R, L, nu, a_reg, inv, [&](int n_reg, double reg_scale) {
+        assemble(v, L, sm, nu, n_reg, reg_scale);
+      });
       ++res.iterations;
       if (bad > 0) break;  // no usable factor: the reference's step is not finite
       const double mu = mu5[3] / n_var;
@@ -317,33 +290,15 @@ __device__ ipm::Result solve(const View& v, const T* loads, const Smem& sm, int 
           }
           const double* const plain[1] = {sm.gx};
           double gh[2];  // sum gx, sum da h
-          ipm_pair::rank_sums(v, L, plain, sm.da, sm.h, gh);
-          const double gxs = (((smu - L.s * L.zs) - L.affs) - L.s * L.rds) * L.izs;
-          L.u1 = (L.rp_r + (gh[0] + gxs)) + gh[1];
+          rank_sums(v, L, plain, sm.da, sm.h, gh);
+          rank_corrector_rhs(L, smu, gh);
         }
-        ipm_pair::subst_reg<NR>(a_reg, R, inv, !corr, L.u1, L.u2, us);
+        subst_reg<NR>(a_reg, R, inv, !corr, L.u1, L.u2, us);
         if (!corr) u2sum = us[1];
         dTp = (us[0] - rT) / u2sum;
         // ipm::direction: dw = u1 - dT' u2, dlambda, dx, dz; the predictor keeps dx dz
-        double acc[5] = {-HUGE_VAL, -HUGE_VAL, 0.0, 0.0, 0.0};
-        auto fold = [&](double x, double z, double ix, double iz, double dx, double dz) {
-          acc[0] = blk::nanmax(acc[0], -(dx * ix));
-          acc[1] = blk::nanmax(acc[1], -(dz * iz));
-          acc[2] += dx * z;
-          acc[3] += x * dz;
-          acc[4] += dx * dz;
-        };
-        L.dw = L.u1 - dTp * L.u2;
-        {
-          const double x = L.s, z = L.zs, xz = x * z;
-          const double rc = corr ? (smu - xz) - L.affs : -xz;
-          const double dx = L.ds * (0.0 - L.dw) + (rc - x * L.rds) * L.izs;
-          const double dz = (rc - z * dx) * L.is;
-          L.dxs = dx;
-          L.dzs = dz;
-          if (!corr) L.affs = dx * dz;
-          if (L.has_rank) fold(x, z, L.is, L.izs, dx, dz);
-        }
+        DirSums ds;
+        rank_direction(L, corr, smu, dTp, ds);
         const double dwr = __shfl_sync(kFull, L.dw, L.er);
         if (L.has_edge) sm.dw[lane] = dwr;
         __syncwarp();
@@ -362,11 +317,11 @@ __device__ ipm::Result solve(const View& v, const T* loads, const Smem& sm, int 
           L.dx = dx;
           L.dz = dz;
           if (!corr) L.aff = dx * dz;
-          if (L.has_edge) fold(x, z, L.iy, L.iz, dx, dz);
+          if (L.has_edge) ds.fold(x, z, L.iy, L.iz, dx, dz);
         }
-        wreduce<5, 0x3u>(acc);
+        wreduce<5, 0x3u>(ds.acc);
 LPLB_PRAGMA(unroll)
-        for (int k = 0; k < 5; ++k) dir[k] = acc[k];
+        for (int k = 0; k < 5; ++k) dir[k] = ds.acc[k];
         if (!corr) smu = ipm::centring(dir, mu5[3], mu, n_var);
       }
       const double dT = dTp + nu * rT;
@@ -397,10 +352,7 @@ LPLB_PRAGMA(unroll)
       sm.flow[e] = dm > 0.0 ? out : 0.0;
     }
   }
-  const double ld = L.fixed + pair::rank_sum(v, L, sm.flow);
-  if (L.has_rank) sm.load[lane] = ld;
-  res.objective = wmax(L.has_rank ? ld : -HUGE_VAL);
-  __syncwarp();
+  res.objective = final_loads(v, L, sm.flow, sm.load);
   return res;
 }
 
