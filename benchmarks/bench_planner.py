@@ -8,8 +8,9 @@ once, replayed 200 times after warm-up):
 
 - ``solve_exact_us`` / ``solve_ipm_us``: the solve kernel (one block per connected
   component) plus the small kernel turning its flow into per-slot shares;
-- ``solve_exact_block_us`` / ``solve_ipm_block_us`` (two-copy placements, whose small
-  components the one-warp solvers take): the same with the general block kernels;
+- ``solve_exact_block_us`` / ``solve_ipm_block_us``: the same with the block kernels
+  only (``DeviceSolver.use_warp = False``; equal to the above where no one-warp
+  solver applies);
 - ``run_graph_us``: ``Planner.run`` captured whole (count + solve + map; no group, so
   no communication);
 - ``ipm_gap``: relative distance of the IPM kernel's max load from the exact optimum;
@@ -142,11 +143,10 @@ def main() -> None:
                 glob = counts.to(torch.int32)
                 row["solve_exact_us"] = round(graph_time(lambda: ds.solve(glob, "exact")), 2)
                 row["solve_ipm_us"] = round(graph_time(lambda: ds.solve(glob, "ipm")), 2)
-                if ds.two_copy or ds.arrays.max_edges <= 32:  # the block kernels, for comparison
-                    ds.use_warp = False
-                    row["solve_exact_block_us"] = round(graph_time(lambda: ds.solve(glob, "exact")), 2)
-                    row["solve_ipm_block_us"] = round(graph_time(lambda: ds.solve(glob, "ipm")), 2)
-                    ds.use_warp = True
+                ds.use_warp = False  # the block kernels, for comparison
+                row["solve_exact_block_us"] = round(graph_time(lambda: ds.solve(glob, "exact")), 2)
+                row["solve_ipm_block_us"] = round(graph_time(lambda: ds.solve(glob, "ipm")), 2)
+                ds.use_warp = True
                 ex, ip = ds.solve(glob, "exact"), ds.solve(glob, "ipm")
                 opt = float(ex.rank_loads.max())
                 row["exact_certified"] = bool(ex.status.all())

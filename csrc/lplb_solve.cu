@@ -204,6 +204,8 @@ cudaError_t launch(const CompArrays& a, const SolveSizes& sz, const T* loads, in
   const size_t smem = head + work_bytes(method, sz, inside);
   double* schur = inside ? nullptr : schur_global;
   const int stride = sz.max_ranks * sz.max_ranks;
+  // the index arrays staged in shared memory after a kernel's scratch (those that stage)
+  const size_t staged = ((View::staged_ints(sz.max_ranks, sz.max_experts, sz.max_edges) * sizeof(int) + 7) / 8) * 8;
   const bool small_pairs = inside && sz.one_warp && sz.two_copy && sz.max_ranks <= pair::kMaxRanks &&
                            sz.max_experts <= pair::kMaxExperts;
   const bool small_any = inside && sz.one_warp && sz.max_ranks <= ipm_warp::kMaxRanks &&
@@ -218,7 +220,6 @@ cudaError_t launch(const CompArrays& a, const SolveSizes& sz, const T* loads, in
     kernel<<<a.n_comp, 32, bytes, stream>>>(a, loads, ipm_max_iters, ipm_tol, out);
   } else if (method == 1 && small_any) {
     const size_t work = ipm_warp::Smem::layout(nullptr, nullptr, sz.max_ranks, sz.max_edges);
-    const size_t staged = ((View::staged_ints(sz.max_ranks, sz.max_experts, sz.max_edges) * sizeof(int) + 7) / 8) * 8;
     const size_t bytes = head + work + staged;
     auto kernel = sz.max_ranks <= 8    ? ipm_warp_kernel<8, T>
                   : sz.max_ranks <= 16 ? ipm_warp_kernel<16, T>
@@ -232,7 +233,6 @@ cudaError_t launch(const CompArrays& a, const SolveSizes& sz, const T* loads, in
   } else {
     // the exact kernels' shared memory: scratch, then the staged index arrays
     const size_t work = work_bytes(0, sz, inside);
-    const size_t staged = ((View::staged_ints(sz.max_ranks, sz.max_experts, sz.max_edges) * sizeof(int) + 7) / 8) * 8;
     const size_t bytes = head + work + staged;
     if (small_pairs) {
       auto kernel = sz.max_experts <= 32 ? pair_kernel<1, T> : pair_kernel<2, T>;

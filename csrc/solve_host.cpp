@@ -44,6 +44,49 @@ void each_exact_component(const lplb::CompArrays& a, const lplb::SolveOut& out, 
   });
 }
 
+// The largest component's ranks, experts and edges (the CUDA launcher picks the
+// one-warp solvers' instances and checks their limits by these).
+struct Largest {
+  int R = 0, M = 0, E = 0;
+};
+Largest largest(const lplb::CompArrays& a) {
+  Largest l;
+  for (int c = 0; c < a.n_comp; ++c) {
+    const lplb::View v = lplb::View::of(a, c);
+    l.R = v.R > l.R ? v.R : l.R;
+    l.M = v.M > l.M ? v.M : l.M;
+    l.E = v.E > l.E ? v.E : l.E;
+  }
+  return l;
+}
+
+// f() on one emulated warp; lane 0's result.
+template <typename F>
+auto on_warp(F&& f) {
+  decltype(f()) r{};
+  lplb::emu::run_warp([&] {
+    const auto lane_r = f();
+    if (lplb::emu::t_lane == 0) r = lane_r;
+  });
+  return r;
+}
+
+// solve(view, sm) -> ipm::Result for every component on one emulated warp, with a
+// one-warp IPM's shared arrays (Smem) in a host buffer; the view staged first when
+// `stage` (as the kernel does); the answer to out.
+template <typename Smem, typename Solve>
+void each_warp_ipm_component(const lplb::CompArrays& a, const lplb::SolveOut& out, bool stage, Solve&& solve) {
+  each_component(a, [&](const lplb::blk::Team& team, const lplb::View& g, int c) {
+    std::vector<int> staged(stage ? lplb::View::staged_ints(g.R, g.M, g.E) : 0);
+    const lplb::View v = stage ? g.stage(team, staged.data()) : g;
+    std::vector<double> buf(Smem::layout(nullptr, nullptr, v.R, v.E) / sizeof(double) + 1);
+    Smem sm;
+    Smem::layout(&sm, reinterpret_cast<char*>(buf.data()), v.R, v.E);
+    const lplb::ipm::Result r = on_warp([&] { return solve(v, sm); });
+    lplb::write_out(team, v, c, sm.flow, sm.load, r.converged, r.objective, r.iterations, 0, out);
+  });
+}
+
 }  // namespace
 
 // Every entry point takes the arrays of lplb_plugin/component_arrays.py (one int
@@ -80,20 +123,13 @@ int lplb_solve_exact_host(LPLB_HOST_ARRAYS, const double* loads, double lipschit
 // is too large.
 int lplb_solve_pair_host(LPLB_HOST_ARRAYS, const double* loads, double lipschitz, int max_rounds, LPLB_HOST_OUT) {
   LPLB_HOST_STRUCTS;
-  int max_m = 0;
-  for (int c = 0; c < n_comp; ++c) {
-    const lplb::View v = lplb::View::of(a, c);
-    if (v.R > lplb::pair::kMaxRanks || v.M > lplb::pair::kMaxExperts) return 1;
-    max_m = v.M > max_m ? v.M : max_m;
-  }
+  const Largest l = largest(a);
+  if (l.R > lplb::pair::kMaxRanks || l.M > lplb::pair::kMaxExperts) return 1;
   each_exact_component(a, out, [&](const lplb::blk::Team&, const lplb::View& v, const lplb::exact::Work& w) {
-    lplb::exact::Result r{};
-    lplb::emu::run_warp([&] {
-      const lplb::exact::Result lane_r = max_m <= 32 ? lplb::pair::solve<1>(v, loads, w, lipschitz, max_rounds)
-                                                     : lplb::pair::solve<2>(v, loads, w, lipschitz, max_rounds);
-      if (lplb::emu::t_lane == 0) r = lane_r;
+    return on_warp([&] {
+      return l.M <= 32 ? lplb::pair::solve<1>(v, loads, w, lipschitz, max_rounds)
+                       : lplb::pair::solve<2>(v, loads, w, lipschitz, max_rounds);
     });
-    return r;
   });
   return 0;
 }
@@ -117,34 +153,18 @@ int lplb_solve_ipm_host(LPLB_HOST_ARRAYS, const double* loads, int max_iters, do
 // component is too large.
 int lplb_solve_ipm_pair_host(LPLB_HOST_ARRAYS, const double* loads, int max_iters, double tol, LPLB_HOST_OUT) {
   LPLB_HOST_STRUCTS;
-  int max_m = 0, max_r = 0;
-  for (int c = 0; c < n_comp; ++c) {
-    const lplb::View v = lplb::View::of(a, c);
-    if (v.R > lplb::pair::kMaxRanks || v.M > lplb::pair::kMaxExperts) return 1;
-    max_m = v.M > max_m ? v.M : max_m;
-    max_r = v.R > max_r ? v.R : max_r;
-  }
+  namespace ip = lplb::ipm_pair;
+  const Largest l = largest(a);
+  if (l.R > lplb::pair::kMaxRanks || l.M > lplb::pair::kMaxExperts) return 1;
   // J and the factor's registers (NR) as the CUDA launcher picks them
-  auto solve_one = [&](const lplb::View& v, const lplb::ipm_pair::Smem& sm) {
-    namespace ip = lplb::ipm_pair;
-    if (max_m <= 32)
-      return max_r <= 8    ? ip::solve<1, 8>(v, loads, sm, max_iters, tol)
-             : max_r <= 16 ? ip::solve<1, 16>(v, loads, sm, max_iters, tol)
-                           : ip::solve<1, 32>(v, loads, sm, max_iters, tol);
-    return max_r <= 8    ? ip::solve<2, 8>(v, loads, sm, max_iters, tol)
-           : max_r <= 16 ? ip::solve<2, 16>(v, loads, sm, max_iters, tol)
-                         : ip::solve<2, 32>(v, loads, sm, max_iters, tol);
-  };
-  each_component(a, [&](const lplb::blk::Team& team, const lplb::View& v, int c) {
-    std::vector<double> buf(lplb::ipm_pair::Smem::layout(nullptr, nullptr, v.R, v.E) / sizeof(double) + 1);
-    lplb::ipm_pair::Smem sm;
-    lplb::ipm_pair::Smem::layout(&sm, reinterpret_cast<char*>(buf.data()), v.R, v.E);
-    lplb::ipm::Result r{};
-    lplb::emu::run_warp([&] {
-      const lplb::ipm::Result lane_r = solve_one(v, sm);
-      if (lplb::emu::t_lane == 0) r = lane_r;
-    });
-    lplb::write_out(team, v, c, sm.flow, sm.load, r.converged, r.objective, r.iterations, 0, out);
+  each_warp_ipm_component<ip::Smem>(a, out, false, [&](const lplb::View& v, const ip::Smem& sm) {
+    if (l.M <= 32)
+      return l.R <= 8    ? ip::solve<1, 8>(v, loads, sm, max_iters, tol)
+             : l.R <= 16 ? ip::solve<1, 16>(v, loads, sm, max_iters, tol)
+                         : ip::solve<1, 32>(v, loads, sm, max_iters, tol);
+    return l.R <= 8    ? ip::solve<2, 8>(v, loads, sm, max_iters, tol)
+           : l.R <= 16 ? ip::solve<2, 16>(v, loads, sm, max_iters, tol)
+                       : ip::solve<2, 32>(v, loads, sm, max_iters, tol);
   });
   return 0;
 }
@@ -156,26 +176,13 @@ int lplb_solve_ipm_pair_host(LPLB_HOST_ARRAYS, const double* loads, int max_iter
 int lplb_solve_ipm_warp_host(LPLB_HOST_ARRAYS, const double* loads, int max_iters, double tol, LPLB_HOST_OUT) {
   LPLB_HOST_STRUCTS;
   namespace iw = lplb::ipm_warp;
-  int max_r = 0;
-  for (int c = 0; c < n_comp; ++c) {
-    const lplb::View v = lplb::View::of(a, c);
-    if (v.R > iw::kMaxRanks || v.M > iw::kMaxExperts || v.E > iw::kMaxEdges) return 1;
-    max_r = v.R > max_r ? v.R : max_r;
-  }
-  each_component(a, [&](const lplb::blk::Team& team, const lplb::View& g, int c) {
-    std::vector<int> staged(lplb::View::staged_ints(g.R, g.M, g.E));
-    const lplb::View v = g.stage(team, staged.data());
-    std::vector<double> buf(iw::Smem::layout(nullptr, nullptr, v.R, v.E) / sizeof(double) + 1);
-    iw::Smem sm;
-    iw::Smem::layout(&sm, reinterpret_cast<char*>(buf.data()), v.R, v.E);
-    lplb::ipm::Result r{};
-    lplb::emu::run_warp([&] {  // the factor's registers (NR) as the CUDA launcher picks them
-      const lplb::ipm::Result lane_r = max_r <= 8    ? iw::solve<8>(v, loads, sm, max_iters, tol)
-                                       : max_r <= 16 ? iw::solve<16>(v, loads, sm, max_iters, tol)
-                                                     : iw::solve<32>(v, loads, sm, max_iters, tol);
-      if (lplb::emu::t_lane == 0) r = lane_r;
-    });
-    lplb::write_out(team, v, c, sm.flow, sm.load, r.converged, r.objective, r.iterations, 0, out);
+  const Largest l = largest(a);
+  if (l.R > iw::kMaxRanks || l.M > iw::kMaxExperts || l.E > iw::kMaxEdges) return 1;
+  // the factor's registers (NR) as the CUDA launcher picks them
+  each_warp_ipm_component<iw::Smem>(a, out, true, [&](const lplb::View& v, const iw::Smem& sm) {
+    return l.R <= 8    ? iw::solve<8>(v, loads, sm, max_iters, tol)
+           : l.R <= 16 ? iw::solve<16>(v, loads, sm, max_iters, tol)
+                       : iw::solve<32>(v, loads, sm, max_iters, tol);
   });
   return 0;
 }

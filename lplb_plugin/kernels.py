@@ -165,14 +165,13 @@ class DeviceSolver:
         arrays = ComponentArrays.from_graph(graph)
         self.arrays = arrays.to(device)
         self._tensors = self.arrays.tensors()
-        self.sizes = [arrays.n_comp, arrays.max_ranks, arrays.max_experts, arrays.max_edges]
+        self.sizes = [arrays.n_comp, arrays.max_ranks, arrays.max_experts, arrays.max_edges, int(arrays.two_copy)]
         #: let small components take the one-warp solvers (two-copy components of at
         #: most 32 ranks and 64 experts: csrc/solve_pair.cuh for exact and
         #: csrc/solve_ipm_pair.cuh for ipm; other components of at most 32 ranks,
         #: experts and edges: csrc/solve_ipm_warp.cuh for ipm).  Same answers to
         #: rounding, faster; False forces the block kernels (the tests compare them).
         self.use_warp = True
-        self.two_copy = arrays.two_copy
         i32 = dict(dtype=torch.int32, device=device)
         self._graph = [
             graph.slot_edge.to(**i32).contiguous(),
@@ -203,7 +202,7 @@ class DeviceSolver:
         if loads.dtype not in (torch.int32, torch.float64):
             loads = loads.to(torch.float64)
         out = get().solve(
-            self._tensors, self.sizes + [int(self.two_copy), int(self.use_warp)], self._graph, loads, self.n_ranks, self.METHODS[method],
+            self._tensors, self.sizes + [int(self.use_warp)], self._graph, loads, self.n_ranks, self.METHODS[method],
             float(self.arrays.lipschitz), int(max_rounds), int(ipm_max_iters), float(ipm_tol), totals,
         )
         return DeviceSplit(*out)

@@ -119,8 +119,8 @@ def test_one_warp_ipm_equals_general_ipm_kernel():
     seen_pair = seen_any = 0
     for name, p in _two_copy_placements() + eplb_placements(load_profile("decode")[5]):
         ds, g, _ = _solver(p)
-        seen_pair += ds.two_copy and ds.arrays.max_ranks <= 32
-        seen_any += not ds.two_copy and ds.arrays.max_edges <= 32
+        seen_pair += ds.arrays.two_copy and ds.arrays.max_ranks <= 32
+        seen_any += not ds.arrays.two_copy and ds.arrays.max_edges <= 32
         for k in range(6):
             loads = _varied_loads(gen, p.n_logical, k)
             for cap in (100, 0, 2):
