@@ -208,7 +208,8 @@ LPLB_HD double prefix_bound(const blk::Team& t, const View& v, const Work& w, in
 // pass builds the R x R Schur complement; an LDL^T factorisation solves it; one
 // reduction gives the expert direction and the slope; each line-search trial is one
 // reduction of the dual along the direction.
-LPLB_HD bool project(const blk::Team& t, const View& v, const Work& w, double bound, double scale, int& its) {
+LPLB_HD bool project(const blk::Team& t, const View& v, const Work& w, double bound, double scale, int& its,
+                     blk::Prof<false>& P) {
   const double tol = kCertRtol * scale;
   const int R = v.R, M = v.M, E = v.E;
   auto s_of = [&](int e, double a, double b) { return w.x0[e] + a + b; };
@@ -242,6 +243,7 @@ LPLB_HD bool project(const blk::Team& t, const View& v, const Work& w, double bo
     }
   }, setup);
   const double dual_cap = setup[2];
+  LPLB_TICK(P, 3);
   if (setup[0] > 0.0) return false;
   const double const_term = 0.5 * setup[1];
   const double delta = 1e-12;
@@ -301,6 +303,7 @@ LPLB_HD bool project(const blk::Team& t, const View& v, const Work& w, double bo
           acc[1] += w.active[r] ? w.cap[r] * w.beta[r] : 0.0;
         }
       }, ga);
+      LPLB_TICK(P, 4);
       if (ga[0] <= 1e-11 * scale) {
         converged = true;
         break;
@@ -343,9 +346,12 @@ LPLB_HD bool project(const blk::Team& t, const View& v, const Work& w, double bo
         }
         w.cb[k] = w.g_b[a] - s;
       });
+      LPLB_TICK(P, 5);
       blk::ldlt_factor(t, w.schur, n_act, R, w.tri);
+      LPLB_TICK(P, 6);
       double unused[2];
       blk::ldlt_subst(t, w.schur, n_act, R, w.cb, nullptr, unused);
+      LPLB_TICK(P, 7);
       // expert direction and the slope g . d, and the full step taken
       double sl[1];
       blk::reduce_n<1, 0x0u>(t, M + R, [&](int i, double* acc) {
@@ -368,6 +374,7 @@ LPLB_HD bool project(const blk::Team& t, const View& v, const Work& w, double bo
           }
         }
       }, sl);
+      LPLB_TICK(P, 8);
       slope = sl[0];
       step = 1.0;
       halvings = 0;
@@ -403,6 +410,7 @@ LPLB_HD bool project(const blk::Team& t, const View& v, const Work& w, double bo
       w.active[r] = (w.active[r] || over) && !released;
     }, cnt);
     if (cnt[0] == 0.0 && cnt[1] == 0.0) settled = true;
+    LPLB_TICK(P, 9);
   }
   if (!settled) return false;
   // exact expert sums: each expert's flow rescaled onto its demand
@@ -446,6 +454,8 @@ LPLB_HD double loads_max(const blk::Team& t, const View& v, const Work& w, const
 template <typename T>
 LPLB_HD Result solve(const blk::Team& t, const View& v, const T* loads, const Work& w, double lipschitz, int max_rounds) {
   Result res{1, 0, 0, 0.0};
+  blk::Prof<false> P;
+  LPLB_TICK(P, 0);
   const int n_tri = w.tri != nullptr ? v.R * (v.R + 1) / 2 : 0;
   blk::pfor(t, v.R + v.M + n_tri, [&](int i) {
     if (i < v.R) {
@@ -490,6 +500,7 @@ LPLB_HD Result solve(const blk::Team& t, const View& v, const T* loads, const Wo
     res.bound = mx[0];
     return res;
   }
+  LPLB_TICK(P, 0);
   const double scale = dmax > fmax ? dmax : fmax;
   double best_max = mx[0];
   double bound = -HUGE_VAL, t_k = 1.0;
@@ -499,6 +510,7 @@ LPLB_HD Result solve(const blk::Team& t, const View& v, const T* loads, const Wo
   const int rounds = max_rounds < 0 ? 0 : (max_rounds > 5 ? 5 : max_rounds);
   for (int rnd = 0; rnd < rounds; ++rnd) {
     fista(t, v, w, step, rounds_done(rnd) - done, t_k);
+    LPLB_TICK(P, 1);
     done = rounds_done(rnd);
     const double amax = loads_max(t, v, w, w.y);
     if (amax < best_max) {
@@ -512,7 +524,17 @@ LPLB_HD Result solve(const blk::Team& t, const View& v, const T* loads, const Wo
       blk::pfor(t, v.R, [&](int r) { w.pinned[r] = w.pos[r] <= kstar; });
     }
     res.rounds = rnd + 1;
-    if (project(t, v, w, bound, scale, res.newton_iters)) {
+    LPLB_TICK(P, 2);
+    const bool ok = project(t, v, w, bound, scale, res.newton_iters, P);
+    LPLB_TICK(P, 10);
+#if defined(LPLB_PROF) && defined(__CUDA_ARCH__)
+    if (threadIdx.x == 0)
+      printf("xprof blk %d R %d M %d E %d threads %d newton %d: setup %lld fista %lld prefix %lld pre %lld "
+             "grad %lld schur %lld factor %lld subst %lld dir %lld outer %lld final %lld\n",
+             blockIdx.x, v.R, v.M, v.E, blockDim.x, res.newton_iters, P.acc[0], P.acc[1], P.acc[2], P.acc[3],
+             P.acc[4], P.acc[5], P.acc[6], P.acc[7], P.acc[8], P.acc[9], P.acc[10]);
+#endif
+    if (ok) {
       res.bound = bound;
       return res;
     }
