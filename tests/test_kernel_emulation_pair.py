@@ -28,12 +28,15 @@ def _pair_solvable(graph: SplitGraph) -> bool:
     return a.two_copy and a.max_ranks <= 32 and a.max_experts <= 64
 
 
+def _pair_instances(count: int, seed: int):
+    """The instances(count, seed) the one-warp two-copy solvers take."""
+    return (inst for inst in instances(count, seed=seed) if _pair_solvable(inst.graph))
+
+
 def test_same_answer_as_reference_and_general_kernel():
     seen = 0
     worst = 0.0
-    for inst in instances(400, seed=17):
-        if not _pair_solvable(inst.graph):
-            continue
+    for inst in _pair_instances(400, 17):
         seen += 1
         ref = solve_exact(inst.graph, inst.loads)
         got = emu.solve_host(inst.graph, inst.loads, "pair")
@@ -126,9 +129,7 @@ def _ipm_pair_vs_general(graph, loads, method="ipm_pair", **options):
 
 def test_ipm_same_iterations_as_general_kernel_and_torch_objective():
     seen = 0
-    for inst in instances(120, seed=7):
-        if not _pair_solvable(inst.graph):
-            continue
+    for inst in _pair_instances(120, 7):
         seen += 1
         got = _ipm_pair_vs_general(inst.graph, inst.loads)
         ref = solve_ipm(inst.graph, inst.loads)
