@@ -66,6 +66,7 @@ struct Smem {
 
 #if defined(__CUDA_ARCH__) || defined(LPLB_WARP_EMULATION)
 
+using pair::factor_reg;
 using pair::kFull;
 using pair::wmax;
 
@@ -165,78 +166,14 @@ LPLB_PRAGMA(unroll)
   __syncwarp();
 }
 
-// Gaussian elimination of S~ without pivoting, row i in lane i's registers, for
-// components of at most NR ranks (rows and columns from n to NR act as the identity):
-// step k takes row k by shuffles and updates rows i > k, keeping the multipliers
-// L[i][k] in place of the eliminated entries, so that the predictor's two
-// right-hand sides and the corrector's one are substituted with one factor.  inv:
-// lane i's 1 / pivot.  Pivots <= 0 are used as 1e-300 and counted (the return
-// value, the same on every lane), as blk::ldlt_factor does.  Every index is a
-// compile-time constant.  (Measured on H200 against the same elimination on rows in
-// shared memory: the factor and substitutions ~1.8x faster at 8 ranks, the whole
-// solve 5% faster at 32; applying each shuffled entry as it arrives instead of
-// fetching the whole row first was slower.)
-template <int NR>
-__device__ __forceinline__ int factor_reg(const double* schur, int n, double (&a)[NR], double& inv) {
-  const int i = threadIdx.x, lda = n + 1;
-  const double* row = schur + static_cast<size_t>(i) * lda;  // (assembled; padded rows)
-LPLB_PRAGMA(unroll)
-  for (int j = 0; j < NR; ++j) a[j] = (i < n && j < n) ? row[j] : (i == j ? 1.0 : 0.0);
-  bool my_bad = false;
-  auto recip = [&](double d) {
-    my_bad = !(d > 0.0);
-    inv = 1.0 / (my_bad ? 1e-300 : d);
-  };
-  inv = 0.0;
-  if (i == 0) recip(a[0]);
-LPLB_PRAGMA(unroll)
-  for (int k = 0; k < NR - 1; ++k) {
-    const double ik = __shfl_sync(kFull, inv, k);
-    double rk[NR];
-LPLB_PRAGMA(unroll)
-    for (int j = k + 1; j < NR; ++j) rk[j] = __shfl_sync(kFull, a[j], k);
-    if (i > k) {
-      const double l = a[k] * ik;
-      a[k] = l;
-LPLB_PRAGMA(unroll)
-      for (int j = k + 1; j < NR; ++j) a[j] -= l * rk[j];
-      if (i == k + 1) recip(a[k + 1]);
-    }
-  }
-  __syncwarp();  // (the rows in shared memory may be rebuilt)
-  return __popc(__ballot_sync(kFull, i < n && my_bad));
-}
-
-// Solves S~ x = b with the factor for lane i's b1 (and b2 when two), in place; returns
-// the sums of the solutions' entries in sums[0], sums[1].
+// pair::subst_reg in place (lanes from n on keep b1, b2), and the sums of the
+// solutions' entries in sums[0], sums[1].
 template <int NR>
 __device__ __forceinline__ void subst_reg(const double (&a)[NR], int n, double inv, bool two, double& b1,
                                           double& b2, double (&sums)[2]) {
   const int i = threadIdx.x;
-  double p = i < n ? b1 : 0.0, q = (two && i < n) ? b2 : 0.0;
-LPLB_PRAGMA(unroll)
-  for (int k = 0; k < NR - 1; ++k) {
-    const double x1 = __shfl_sync(kFull, p, k);
-    const double x2 = two ? __shfl_sync(kFull, q, k) : 0.0;
-    if (i > k) {
-      p -= a[k] * x1;
-      q -= a[k] * x2;
-    }
-  }
-  double x1 = 0.0, x2 = 0.0;
-LPLB_PRAGMA(unroll)
-  for (int k = NR - 1; k >= 0; --k) {
-    if (i == k) {
-      x1 = p * inv;
-      x2 = q * inv;
-    }
-    const double v1 = __shfl_sync(kFull, x1, k);
-    const double v2 = two ? __shfl_sync(kFull, x2, k) : 0.0;
-    if (i < k) {
-      p -= a[k] * v1;
-      q -= a[k] * v2;
-    }
-  }
+  double x1, x2;
+  pair::subst_reg<NR>(a, n, inv, two, b1, b2, x1, x2);
   if (i < n) {
     b1 = x1;
     if (two) b2 = x2;
@@ -353,12 +290,12 @@ template <int NR, typename Ln, typename Assemble>
 __device__ __forceinline__ int factor_regularised(const double* schur, int n, const Ln& L, double nu,
                                                   double (&a)[NR], double& inv, Assemble&& assemble) {
   assemble(0, 0.0);
-  int bad = factor_reg<NR>(schur, n, a, inv);
+  int bad = factor_reg<NR>(schur, n, n + 1, a, inv);
   if (bad > 0) {
     const double reg_scale = wmax(L.has_rank ? L.diag + nu : -HUGE_VAL);
     for (int k = 1; k <= 4 && bad > 0; ++k) {
       assemble(k, reg_scale);
-      bad = factor_reg<NR>(schur, n, a, inv);
+      bad = factor_reg<NR>(schur, n, n + 1, a, inv);
     }
   }
   return bad;
