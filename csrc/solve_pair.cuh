@@ -15,16 +15,17 @@
 //     each, a rank sums its edges' values from a shared array indexed by edge;
 //   * reductions are warp butterflies, two at a time where a pass needs two;
 //   * the Newton system, over the active ranks only (as in exact::solve), is solved
-//     by Gaussian elimination with lane i owning row i in shared memory (SPD: no
-//     pivoting; padded rows: no bank conflicts): one reciprocal per column on the
-//     critical path;
+//     by Gaussian elimination with lane i owning row i (SPD: no pivoting), in shared
+//     memory (padded rows: no bank conflicts) or, for 8 active ranks, in registers
+//     (factor_reg): one reciprocal per column on the critical path;
 //   * divisions by a Hessian diagonal become products with its reciprocal, formed
 //     once per projection for each of the three supports an expert can have;
 //   * the fixed loads, up to 32 entries per rank at EP8, are summed by 32 / R lanes
 //     per rank.
 // Measured on H100 (docs/benchmarks.md): 2-3x faster than exact::solve on 8-rank
 // components.  Its own clock64 profile (build with -DLPLB_PROF): on the slowest cube
-// EP32 component (4 Newton iterations, ~48k cycles) the elimination is ~40%, the
+// EP32 component (4 Newton iterations, ~48k cycles) the elimination was ~40%
+// (~5k cycles per Newton iteration at 8 active ranks; ~2.8k with factor_reg), the
 // gradient and Schur passes ~25%, setup, FISTA and the bound ~20%.  Both kernels
 // agree to rounding (tests/gpu/test_solve_kernels.py compares them on every two-copy
 // placement).
@@ -74,8 +75,8 @@ __device__ __forceinline__ void wmax_sum(double& mx, double& sm) {
 // updating its own row in shared memory (A is overwritten); a pivot <= 0 (not
 // numerically SPD) is used as 1e-300, as blk::ldlt_factor does.  (Measured on H100:
 // faster than keeping the row in registers and publishing the pivot row, and than
-// register elimination with shuffles, unrolled for 16-32 rows or, at most 8 rows,
-// predicated.)
+// register elimination with shuffles unrolled for 16-32 rows.  On H200 factor_reg<8>
+// is faster at 8 active ranks and slower below: docs/benchmarks.md.)
 __device__ __forceinline__ double solve_spd(double* A, int n, int lda, double rhs) {
   const int i = threadIdx.x;
   const bool has = i < n;
@@ -115,7 +116,9 @@ __device__ __forceinline__ double solve_spd(double* A, int n, int lda, double rh
 // the same operations in the same order as solve_spd.  (Measured on H200 against
 // the elimination on rows in shared memory: the IPM's factor and substitutions ~1.8x
 // faster at 8 ranks, its whole solve 5% faster at 32; applying each shuffled entry
-// as it arrives instead of fetching the whole row first was slower.)
+// as it arrives instead of fetching the whole row first was slower.  The exact
+// projection takes it for 8 active ranks only: it always runs NR - 1 steps, where
+// solve_spd runs n.)
 template <int NR>
 __device__ __forceinline__ int factor_reg(const double* A, int n, int lda, double (&a)[NR], double& inv) {
   const int i = threadIdx.x;
@@ -506,7 +509,15 @@ LPLB_PRAGMA(unroll)
       }
       LPLB_TICK(P, 5);
       // lane k solves for row k (its rank's right-hand side comes by shuffle)
-      const double x = solve_spd(sm.schur, n_act, lda, __shfl_sync(kFull, rhs, r < n_act ? sm.owner[r] : 0));
+      double x = __shfl_sync(kFull, rhs, r < n_act ? sm.owner[r] : 0);
+      if (n_act == 8) {  // (solve_spd is faster below: fewer steps; measured, docs/benchmarks.md)
+        double a[8], inv, x2;
+        factor_reg<8>(sm.schur, n_act, lda, a, inv);
+        subst_reg<8>(a, n_act, inv, false, x, 0.0, x, x2);
+        x = r < n_act ? x : 0.0;
+      } else {
+        x = solve_spd(sm.schur, n_act, lda, x);
+      }
       const double xr = __shfl_sync(kFull, x, L.active ? cpos : 0);
       L.d_b = L.active ? xr : 0.0;  // (so the experts need not look up activity)
       LPLB_TICK(P, 6);
