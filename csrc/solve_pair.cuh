@@ -159,11 +159,11 @@ __device__ __forceinline__ void subst_reg(const double (&a)[NR], int n, double i
   double p = i < n ? b1 : 0.0, q = (two && i < n) ? b2 : 0.0;
 LPLB_PRAGMA(unroll)
   for (int k = 0; k < NR - 1; ++k) {
-    const double x1 = __shfl_sync(kFull, p, k);
-    const double x2 = two ? __shfl_sync(kFull, q, k) : 0.0;
+    const double pk = __shfl_sync(kFull, p, k);
+    const double qk = two ? __shfl_sync(kFull, q, k) : 0.0;
     if (i > k) {
-      p -= a[k] * x1;
-      q -= a[k] * x2;
+      p -= a[k] * pk;
+      q -= a[k] * qk;
     }
   }
   x1 = 0.0;
