@@ -19,6 +19,29 @@ constexpr int kNewtonIters = 30;
 constexpr int kOuterIters = 8;
 constexpr double kCertRtol = 1e-10;
 
+// The next trial step of the projection's line search after Armijo failed at `step`
+// (dual value val there; base and slope at step 0; big: the direction's largest
+// entry; R ranks; scale: the largest load).  Both exact kernels; the host reference
+// halves instead (the answer is the same unique point, only the path differs).
+//
+// The maximiser of the quadratic through those three facts, kept within [lo, 0.5 step]
+// (safeguarded interpolation; NaN or -inf: lo).  lo = 0.1 step, unless a tenth of the
+// step is still longer than L = R * scale: then lo is 1e-3 of length L.  At the
+// answer, dual values across R ranks differ by at most about R times the largest load,
+// so such a step comes from a near-singular system (an active rank whose carrying edges
+// all belong to experts that carry nothing elsewhere makes a null direction, which the
+// 1e-12 regularisation turns into a step ~1e12 times the gradient): there the quadratic
+// is trusted far below the usual tenth (halving such a step back took ~40 dual
+// evaluations).  The full step is still tried first: when the bound is too low, it is
+// what proves it (the dual cap in project).
+LPLB_HD double backtrack(double step, double slope, double base, double val, double big, int R, double scale) {
+  double lo = 0.1 * step;
+  const double lim = static_cast<double>(R) * scale;
+  if (big > 0.0 && lim / big < lo) lo = 1e-3 * lim / big;
+  const double q = slope * step * step / (2.0 * ((base + slope * step) - val));
+  return q > 0.5 * step ? 0.5 * step : (q > lo ? q : lo);
+}
+
 // float64 scratch of one block.  Sizes: R ranks, M experts, E edges of the component.
 struct Work {
   // [R]
@@ -33,8 +56,9 @@ struct Work {
   // [M]
   double *demand, *alpha, *g_a, *d_a, *d_alpha;
   int* inside_at;
-  // [E]; wt: slot weight of the edges carrying flow at the current Newton point
-  double *x0, *y, *z, *best, *flow, *wt;
+  // [E]; wt: slot weight of the edges carrying flow at the current Newton point; pm:
+  // an edge's slots in the projection (0 on an edge cut by project)
+  double *x0, *y, *z, *best, *flow, *wt, *pm;
   // [R * (R + 1)] (this kernel uses leading dimension R; solve_pair.cuh pads its rows
   // to R + 1), and the (i, j) table of its lower triangle (R(R+1)/2)
   double* schur;
@@ -56,7 +80,7 @@ struct Work {
     };
     for (double** p : {&o.fixed, &o.load, &o.cap, &o.beta, &o.g_b, &o.d_b, &o.d_beta, &o.gain, &o.cb}) dbl(*p, R);
     for (double** p : {&o.demand, &o.alpha, &o.g_a, &o.d_a, &o.d_alpha}) dbl(*p, M);
-    for (double** p : {&o.x0, &o.y, &o.z, &o.best, &o.flow, &o.wt}) dbl(*p, E);
+    for (double** p : {&o.x0, &o.y, &o.z, &o.best, &o.flow, &o.wt, &o.pm}) dbl(*p, E);
     o.schur = nullptr;
     o.tri = nullptr;
     if (schur_inside) {
@@ -230,7 +254,20 @@ LPLB_HD bool project(const blk::Team& t, const View& v, const Work& w, double bo
       w.sticky[i] = w.pinned[i];
       w.was_released[i] = 0;
     } else {
-      w.alpha[i - R] = 0.0;
+      // An expert with copies both in the pinned prefix and outside it sends nothing
+      // into the prefix: the prefix's own load fills it exactly to the bound, so in any
+      // split under the bound those edges carry 0.  The projection is the same with
+      // them cut (the same unique point), and Newton need not find that out.
+      const int m = i - R;
+      w.alpha[m] = 0.0;
+      bool in = false, out = false;
+      for (int e = v.exp_ptr[m]; e < v.exp_ptr[m + 1]; ++e) {
+        const bool p = w.pinned[v.edge_rank[e]] != 0;
+        in = in || p;
+        out = out || !p;
+      }
+      for (int e = v.exp_ptr[m]; e < v.exp_ptr[m + 1]; ++e)
+        w.pm[e] = in && out && w.pinned[v.edge_rank[e]] ? 0.0 : static_cast<double>(v.edge_mult[e]);
     }
   });
   // smallest room, the dual's constant, the ranks the even split overloads, and the
@@ -281,7 +318,7 @@ LPLB_HD bool project(const blk::Team& t, const View& v, const Work& w, double bo
           double f = 0.0, wsum = 0.0, sq = 0.0;
           for (int e = v.exp_ptr[i]; e < v.exp_ptr[i + 1]; ++e) {
             const double s = s_of(e, al, w.beta[v.edge_rank[e]]);
-            const double m = s > 0.0 ? static_cast<double>(v.edge_mult[e]) : 0.0;
+            const double m = s > 0.0 ? w.pm[e] : 0.0;
             w.wt[e] = m;
             f += m * s;
             wsum += m;
@@ -301,8 +338,8 @@ LPLB_HD bool project(const blk::Team& t, const View& v, const Work& w, double bo
               const int e = v.rank_edges[q];
               const double s = s_of(e, w.alpha[v.edge_exp[e]], be);
               if (s > 0.0) {
-                f += v.edge_mult[e] * s;
-                wsum += v.edge_mult[e];
+                f += w.pm[e] * s;
+                wsum += w.pm[e];
               }
             }
           }
@@ -320,12 +357,20 @@ LPLB_HD bool project(const blk::Team& t, const View& v, const Work& w, double bo
       }
       if (ga[1] + const_term > dual_cap) return false;  // infeasible: the bound is too low
       if (pending && halvings < 40 && !(ga[1] + const_term >= base + 1e-4 * step * slope)) {
-        // Armijo failed: halve the step (from base + step d to base + step/2 d)
-        step *= 0.5;
+        // Armijo failed: from base + step d back to base + next d (backtrack, which
+        // wants the direction's largest entry)
+        double big[1];
+        blk::reduce_n<1, 0x1u>(t, M + R, [&](int i, double* acc) {
+          const double d = i < M ? w.d_a[i] : (w.active[i - M] ? w.d_b[i - M] : 0.0);
+          acc[0] = blk::nanmax(acc[0], fabs(d));
+        }, big);
+        const double next = backtrack(step, slope, base, ga[1] + const_term, big[0], R, scale);
+        const double back = step - next;
+        step = next;
         ++halvings;
         blk::pfor(t, M + R, [&](int i) {
-          if (i < M) w.alpha[i] -= step * w.d_a[i];
-          else if (w.active[i - M]) w.beta[i - M] -= step * w.d_b[i - M];
+          if (i < M) w.alpha[i] -= back * w.d_a[i];
+          else if (w.active[i - M]) w.beta[i - M] -= back * w.d_b[i - M];
         });
         continue;
       }
@@ -398,7 +443,7 @@ LPLB_HD bool project(const blk::Team& t, const View& v, const Work& w, double bo
       if (i >= R) {
         const int e = i - R;
         const double s = s_of(e, w.alpha[v.edge_exp[e]], w.beta[v.edge_rank[e]]);
-        w.flow[e] = v.edge_mult[e] * (s > 0.0 ? s : 0.0);
+        w.flow[e] = w.pm[e] * (s > 0.0 ? s : 0.0);
         return;
       }
       const int r = i;
@@ -406,7 +451,7 @@ LPLB_HD bool project(const blk::Team& t, const View& v, const Work& w, double bo
       for (int q = v.rank_ptr[r]; q < v.rank_ptr[r + 1]; ++q) {
         const int e = v.rank_edges[q];
         const double s = s_of(e, w.alpha[v.edge_exp[e]], w.beta[r]);
-        sum += v.edge_mult[e] * (s > 0.0 ? s : 0.0);
+        sum += w.pm[e] * (s > 0.0 ? s : 0.0);
       }
       const double load = w.fixed[r] + sum;
       w.load[r] = load;

@@ -209,6 +209,8 @@ struct Lane {
   bool has[J];
   int ra[J], rb[J];
   double ma[J], mb[J];  // slots on each rank (edge multiplicities)
+  double pa[J], pb[J];  // the same in the projection: 0 on an edge into the pinned prefix
+                        // from outside it (project)
   double c[J], x0[J], alpha[J], d_a[J], g_a[J], inv_dal[J], wa[J], wb[J];
   double y0[J], y1[J], z0[J], z1[J], b0[J], b1[J];
 };
@@ -366,8 +368,8 @@ __device__ __forceinline__ void flows_at(const Lane<J>& L, int j, double& f0, do
   double bA, bB;
   at_ranks(L, L.beta, j, bA, bB);
   const double sa = L.x0[j] + L.alpha[j] + bA, sb = L.x0[j] + L.alpha[j] + bB;
-  f0 = L.ma[j] * (sa > 0.0 ? sa : 0.0);
-  f1 = L.mb[j] * (sb > 0.0 ? sb : 0.0);
+  f0 = L.pa[j] * (sa > 0.0 ? sa : 0.0);
+  f1 = L.pb[j] * (sb > 0.0 ? sb : 0.0);
 }
 
 // exact::project: the even split projected onto {valid split, load <= bound}; the
@@ -398,6 +400,20 @@ LPLB_PRAGMA(unroll)
     e1 = L.mb[j] * L.x0[j];
   });
   const double even = L.fixed + rank_sum(v, L, sm.e1);  // (every lane: it syncs)
+  // An expert with one copy in the pinned prefix and one outside it sends nothing into
+  // the prefix: the prefix's own load fills it exactly to the bound, so in any split
+  // under the bound that edge carries 0.  The projection is the same with the edge cut
+  // (same unique point); Newton then need not discover it (fewer iterations).
+  {
+    const double pin = L.pinned ? 1.0 : 0.0;
+LPLB_PRAGMA(unroll)
+    for (int j = 0; j < J; ++j) {
+      double pA, pB;
+      at_ranks(L, pin, j, pA, pB);
+      L.pa[j] = pA > pB ? 0.0 : L.ma[j];
+      L.pb[j] = pB > pA ? 0.0 : L.mb[j];
+    }
+  }
   L.active = L.has_rank && (even > bound || L.pinned);
   double n_bad = L.has_rank && L.cap < -tol ? 1.0 : 0.0;
   wmax_sum(n_bad, ct);
@@ -435,7 +451,7 @@ LPLB_PRAGMA(unroll)
         double bA, bB;
         at_ranks(L, L.beta, j, bA, bB);
         const double sa = L.x0[j] + L.alpha[j] + bA, sb = L.x0[j] + L.alpha[j] + bB;
-        const double wa = sa > 0.0 ? L.ma[j] : 0.0, wb = sb > 0.0 ? L.mb[j] : 0.0;
+        const double wa = sa > 0.0 ? L.pa[j] : 0.0, wb = sb > 0.0 ? L.pb[j] : 0.0;
         L.wa[j] = wa;
         L.wb[j] = wb;
         e0 = wa * sa;
@@ -471,11 +487,18 @@ LPLB_PRAGMA(unroll)
       }
       if (acc1 + const_term > dual_cap) return false;  // infeasible: the bound is too low
       if (pending && halvings < 40 && !(acc1 + const_term >= base + 1e-4 * step * slope)) {
-        step *= 0.5;  // Armijo failed: from base + step d back to base + step/2 d
+        // Armijo failed: from base + step d back to base + next d (exact::backtrack,
+        // which wants the direction's largest entry)
+        double big = L.active ? fabs(L.d_b) : 0.0;
+LPLB_PRAGMA(unroll)
+        for (int j = 0; j < J; ++j) big = blk::nanmax(big, fabs(L.d_a[j]));
+        big = wmax(big);
+        const double next = exact::backtrack(step, slope, base, acc1 + const_term, big, R, scale);
         ++halvings;
 LPLB_PRAGMA(unroll)
-        for (int j = 0; j < J; ++j) L.alpha[j] -= step * L.d_a[j];
-        if (L.active) L.beta -= step * L.d_b;
+        for (int j = 0; j < J; ++j) L.alpha[j] -= (step - next) * L.d_a[j];
+        if (L.active) L.beta -= (step - next) * L.d_b;
+        step = next;
         continue;
       }
       pending = false;

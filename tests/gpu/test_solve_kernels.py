@@ -88,16 +88,25 @@ def test_one_warp_two_copy_solver_equals_general_kernel():
             b = ds.solve(loads.cuda())
             ref = solve_exact(g, loads)
             scale = float(loads.max())
-            assert torch.equal(a.status, b.status) and bool(a.status.all()) == ref.certified, (name, k)
+            assert torch.equal(a.status, b.status), (name, k)
             assert rel_diff(a.edge_flow.cpu(), b.edge_flow.cpu(), scale) <= 1e-10, (name, k)
             assert torch.allclose(a.bound, b.bound, rtol=1e-12, atol=0), (name, k)
             if ref.certified:  # the unique answer
+                assert bool(a.status.all()), (name, k)
                 assert rel_diff(a.edge_flow.cpu(), ref.edge_flow, scale) <= 1e-9, (name, k)
                 assert rel_diff(a.rank_loads.cpu(), ref.rank_loads, scale) <= 1e-9, (name, k)
-            else:  # (loads spanning ~27 orders of magnitude) a fallback: valid, not unique
+            else:  # (loads spanning ~27 orders of magnitude) the reference fell back
                 flow = a.edge_flow.cpu()
                 sums = torch.zeros(g.n_movable, dtype=torch.float64).index_add_(0, g.edge_expert, flow)
                 assert bool((flow >= 0).all()) and torch.allclose(sums, g.demands(loads), rtol=1e-9, atol=1e-9)
+                if bool(a.status.all()):
+                    # the kernels' line search differs from the reference's (solvers.md)
+                    # and may certify where it did not: then every load is within the
+                    # certificate's tolerance of the lower bound, so the split is optimal
+                    off, ranks = ds.arrays.comp_rank_off.cpu(), ds.arrays.rank_global.cpu().long()
+                    for c in range(ds.arrays.n_comp):
+                        rl = a.rank_loads.cpu()[ranks[off[c] : off[c + 1]]]
+                        assert float(rl.max()) <= float(a.bound[c]) + 1e-9 * float(a.rank_loads.max()), (name, k, c)
         # the fallback path (no certification round) gives the even split, reported
         # (every expert loaded: a component with no demand is trivially certified)
         ds.use_warp = True
