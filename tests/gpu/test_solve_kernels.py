@@ -100,9 +100,11 @@ def test_one_warp_two_copy_solver_equals_general_kernel():
                 sums = torch.zeros(g.n_movable, dtype=torch.float64).index_add_(0, g.edge_expert, flow)
                 assert bool((flow >= 0).all()) and torch.allclose(sums, g.demands(loads), rtol=1e-9, atol=1e-9)
                 if bool(a.status.all()):
-                    # the kernels' line search differs from the reference's (solvers.md)
-                    # and may certify where it did not: then every load is within the
-                    # certificate's tolerance of the lower bound, so the split is optimal
+                    # the kernels' path differs from the reference's (solvers.md) and
+                    # may certify where it did not (cube-ep32, k = 4: the reference
+                    # leaves an expert of demand ~6e-24 with no flow and rejects every
+                    # attempt); then every load is within the certificate's tolerance
+                    # of the lower bound, so the split is optimal
                     off, ranks = ds.arrays.comp_rank_off.cpu(), ds.arrays.rank_global.cpu().long()
                     for c in range(ds.arrays.n_comp):
                         rl = a.rank_loads.cpu()[ranks[off[c] : off[c + 1]]]
