@@ -468,18 +468,21 @@ LPLB_HD bool project(const blk::Team& t, const View& v, const Work& w, double bo
     LPLB_TICK(P, 9);
   }
   if (!settled) return false;
-  // exact expert sums: each expert's flow rescaled onto its demand
+  // exact expert sums: each expert's flow rescaled onto its demand; one whose flow
+  // vanished within the tolerance (its demand is below it) takes the even split, as
+  // exact::project has it
   double dead[1];
   blk::reduce_n<1, 0x0u>(t, M, [&](int m, double* acc) {
     double tot = 0.0;
     for (int e = v.exp_ptr[m]; e < v.exp_ptr[m + 1]; ++e) tot += w.flow[e];
-    const bool live = w.demand[m] > 0.0;
-    if (live && !(tot > 0.0)) {
+    const bool live = w.demand[m] > 0.0, vanished = live && !(tot > 0.0);
+    if (vanished && !(w.demand[m] <= tol)) {
       acc[0] += 1.0;
       return;
     }
-    const double f = live ? w.demand[m] / tot : 0.0;
-    for (int e = v.exp_ptr[m]; e < v.exp_ptr[m + 1]; ++e) w.flow[e] = live ? w.flow[e] * f : 0.0;
+    const double f = live && !vanished ? w.demand[m] / tot : 0.0;
+    for (int e = v.exp_ptr[m]; e < v.exp_ptr[m + 1]; ++e)
+      w.flow[e] = !live ? 0.0 : (vanished ? v.edge_mult[e] * w.x0[e] : w.flow[e] * f);
   }, dead);
   if (dead[0] > 0.0) return false;
   double worst[1];

@@ -582,18 +582,20 @@ LPLB_PRAGMA(unroll)
     LPLB_TICK(P, 8);
   }
   if (!settled) return false;
-  // exact expert sums: each expert's flow rescaled onto its demand
+  // exact expert sums: each expert's flow rescaled onto its demand; one whose flow
+  // vanished within the tolerance (its demand is below it) takes the even split, as
+  // exact::project has it
   double dead = 0.0;
 LPLB_PRAGMA(unroll)
   for (int j = 0; j < J; ++j) {
     double a, b;
     flows_at(L, j, a, b);
     const double tot = a + b;
-    const bool live = L.c[j] > 0.0;
-    if (L.has[j] && live && !(tot > 0.0)) dead = 1.0;
-    const double fac = live ? L.c[j] / tot : 0.0;
-    f0[j] = live ? a * fac : 0.0;
-    f1[j] = live ? b * fac : 0.0;
+    const bool live = L.c[j] > 0.0, vanished = live && !(tot > 0.0);
+    if (L.has[j] && vanished && !(L.c[j] <= tol)) dead = 1.0;
+    const double fac = live && !vanished ? L.c[j] / tot : 0.0;
+    f0[j] = !live ? 0.0 : (vanished ? L.ma[j] * L.x0[j] : a * fac);
+    f1[j] = !live ? 0.0 : (vanished ? L.mb[j] * L.x0[j] : b * fac);
   }
   if (wmax(dead) > 0.0) return false;
   loads_of(v, L, sm.e1, [&](int j, double& e0, double& e1) {

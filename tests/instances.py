@@ -60,6 +60,28 @@ def mult2_placement() -> ExpertPlacement:
     return ExpertPlacement.from_phy2log(torch.tensor(phy), 8, 40)
 
 
+def two_copy_placements() -> list[tuple[str, ExpertPlacement]]:
+    """Two-copy placements the one-warp solver takes: upstream topologies, and one with an
+    expert holding two slots on one of its two ranks (edge multiplicity 2)."""
+    out = [(n, p) for n, p in topology_placements() if SplitGraph.from_placement(p).n_ranks <= 64]
+    p = mult2_placement()
+    g = SplitGraph.from_placement(p)
+    assert bool((torch.diff(g.expert_edge_ptr) == 2).all()) and int(g.edge_mult.max()) == 2
+    out.append(("mult2", p))
+    return out
+
+
+def varied_loads(gen: torch.Generator, n_logical: int, k: int) -> torch.Tensor:
+    """Load vector k of 6: steeper with k (up to ~27 orders of magnitude), rounded for
+    odd k, 30% zeros for k = 5."""
+    loads = (torch.rand(n_logical, generator=gen, dtype=torch.float64) ** (1 + 3 * k)) * 10 ** (2 + k % 3)
+    if k % 2:
+        loads = loads.round()
+    if k == 5:
+        loads[torch.rand(n_logical, generator=gen) < 0.3] = 0.0
+    return loads
+
+
 def eplb_placements(profile: torch.Tensor) -> list[tuple[str, ExpertPlacement]]:
     """EPLB placements (hierarchical and global) built on one profile row."""
     out = []

@@ -292,12 +292,18 @@ def _project(st, fixed, demand, x0, bound, alpha, beta, scale):
         active = (active | over) & ~released
     else:
         return flow, alpha, beta, False, its
-    # exact expert sums: rescale each expert's flow onto its demand
+    # exact expert sums: rescale each expert's flow onto its demand.  An expert whose
+    # flow vanished within the tolerance (its demand is below it) takes the even split
+    # instead: that moves no load by more than the tolerance, which the check below
+    # still bounds.
     tot = flow.sum(axis=1)
     live = demand > 0
-    if (live & (tot <= 0)).any():
+    vanished = live & ~(tot > 0)
+    if (vanished & ~(demand <= tol)).any():
         return flow, alpha, beta, False, its
-    flow[live] *= (demand[live] / tot[live])[:, None]
+    keep = live & ~vanished
+    flow[keep] *= (demand[keep] / tot[keep])[:, None]
+    flow[vanished] = st.mult[vanished] * x0[vanished]
     flow[~live] = 0.0
     ok = bool((_rank_loads(st, fixed, flow) <= bound + tol).all())
     return flow, alpha, beta, ok, its
