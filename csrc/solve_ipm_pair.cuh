@@ -289,13 +289,14 @@ __device__ __forceinline__ void rank_direction(Ln& L, bool corr, double smu, dou
 template <int NR, typename Ln, typename Assemble>
 __device__ __forceinline__ int factor_regularised(const double* schur, int n, const Ln& L, double nu,
                                                   double (&a)[NR], double& inv, Assemble&& assemble) {
+  auto factor = [&] { return __popc(__ballot_sync(kFull, factor_reg<NR>(schur, n, n + 1, a, inv))); };
   assemble(0, 0.0);
-  int bad = factor_reg<NR>(schur, n, n + 1, a, inv);
+  int bad = factor();
   if (bad > 0) {
     const double reg_scale = wmax(L.has_rank ? L.diag + nu : -HUGE_VAL);
     for (int k = 1; k <= 4 && bad > 0; ++k) {
       assemble(k, reg_scale);
-      bad = factor_reg<NR>(schur, n, n + 1, a, inv);
+      bad = factor();
     }
   }
   return bad;

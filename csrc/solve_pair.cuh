@@ -111,8 +111,9 @@ __device__ __forceinline__ double solve_spd(double* A, int n, int lda, double rh
 // step k takes row k by shuffles and updates rows i > k, keeping the multipliers
 // L[i][k] in place of the eliminated entries, so that several right-hand sides can be
 // substituted with one factor (subst_reg).  inv: lane i's 1 / pivot.  Pivots <= 0
-// are used as 1e-300 and counted (the return value, the same on every lane), as
-// blk::ldlt_factor does.  Every index is a compile-time constant.  With subst_reg,
+// are used as 1e-300, as blk::ldlt_factor does; returns whether lane i's was one
+// (false from n on), so that a caller that counts them votes (the IPM) and one that
+// does not skips the vote (the exact projection).  Every index is a compile-time constant.  With subst_reg,
 // the same operations in the same order as solve_spd.  (Measured on H200 against
 // the elimination on rows in shared memory: the IPM's factor and substitutions ~1.8x
 // faster at 8 ranks, its whole solve 5% faster at 32; applying each shuffled entry
@@ -120,7 +121,7 @@ __device__ __forceinline__ double solve_spd(double* A, int n, int lda, double rh
 // projection takes it for 8 active ranks only: it always runs NR - 1 steps, where
 // solve_spd runs n.)
 template <int NR>
-__device__ __forceinline__ int factor_reg(const double* A, int n, int lda, double (&a)[NR], double& inv) {
+__device__ __forceinline__ bool factor_reg(const double* A, int n, int lda, double (&a)[NR], double& inv) {
   const int i = threadIdx.x;
   const double* row = A + static_cast<size_t>(i) * lda;
 LPLB_PRAGMA(unroll)
@@ -147,7 +148,7 @@ LPLB_PRAGMA(unroll)
     }
   }
   __syncwarp();  // (the rows in shared memory may be rebuilt)
-  return __popc(__ballot_sync(kFull, i < n && my_bad));
+  return i < n && my_bad;
 }
 
 // Solves A x = b with factor_reg's factor: lane i passes b1[i] (and b2[i] when two)
@@ -537,7 +538,6 @@ LPLB_PRAGMA(unroll)
         double a[8], inv, x2;
         factor_reg<8>(sm.schur, n_act, lda, a, inv);
         subst_reg<8>(a, n_act, inv, false, x, 0.0, x, x2);
-        x = r < n_act ? x : 0.0;
       } else {
         x = solve_spd(sm.schur, n_act, lda, x);
       }
