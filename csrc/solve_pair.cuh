@@ -15,9 +15,10 @@
 //     each, a rank sums its edges' values from a shared array indexed by edge;
 //   * reductions are warp butterflies, two at a time where a pass needs two;
 //   * the Newton system, over the active ranks only (as in exact::solve), is solved
-//     by Gaussian elimination with lane i owning row i (SPD: no pivoting), in shared
-//     memory (padded rows: no bank conflicts) or, for 8 active ranks, in registers
-//     (factor_reg): one reciprocal per column on the critical path;
+//     by Gauss-Jordan over the whole warp, two entries per lane, when at most 8
+//     ranks are active (solve_gj8), else by Gaussian elimination with lane i owning
+//     row i in shared memory (solve_spd; padded rows: no bank conflicts); SPD, no
+//     pivoting, one reciprocal per column on the critical path;
 //   * divisions by a Hessian diagonal become products with its reciprocal, formed
 //     once per projection for each of the three supports an expert can have;
 //   * the fixed loads, up to 32 entries per rank at EP8, are summed by 32 / R lanes
@@ -25,8 +26,9 @@
 // Measured on H100 (docs/benchmarks.md): 2-3x faster than exact::solve on 8-rank
 // components.  Its own clock64 profile (build with -DLPLB_PROF): on the slowest cube
 // EP32 component (4 Newton iterations, ~48k cycles) the elimination was ~40%
-// (~5k cycles per Newton iteration at 8 active ranks; ~2.8k with factor_reg), the
-// gradient and Schur passes ~25%, setup, FISTA and the bound ~20%.  Both kernels
+// (~5k cycles per Newton iteration at 8 active ranks; ~2.8k with factor_reg, ~1.75k
+// with solve_gj8), the gradient and Schur passes ~25%, setup, FISTA and the bound
+// ~20%.  Both kernels
 // agree to rounding (tests/gpu/test_solve_kernels.py compares them on every two-copy
 // placement).
 #pragma once
@@ -75,8 +77,8 @@ __device__ __forceinline__ void wmax_sum(double& mx, double& sm) {
 // updating its own row in shared memory (A is overwritten); a pivot <= 0 (not
 // numerically SPD) is used as 1e-300, as blk::ldlt_factor does.  (Measured on H100:
 // faster than keeping the row in registers and publishing the pivot row, and than
-// register elimination with shuffles unrolled for 16-32 rows.  On H200 factor_reg<8>
-// is faster at 8 active ranks and slower below: docs/benchmarks.md.)
+// register elimination with shuffles unrolled for 16-32 rows.  Up to 8 active ranks
+// solve_gj8 is faster: docs/benchmarks.md.)
 __device__ __forceinline__ double solve_spd(double* A, int n, int lda, double rhs) {
   const int i = threadIdx.x;
   const bool has = i < n;
@@ -106,6 +108,49 @@ __device__ __forceinline__ double solve_spd(double* A, int n, int lda, double rh
   return x;
 }
 
+// A x = b for SPD A (n <= 8, row i at A + i * lda), by Gauss-Jordan over the whole
+// warp: lane 4 i + c holds A[i][c] and A[i][c + 4] and a copy of b[i] (rows and
+// columns from n on act as the identity).  Lane i passes b[i] and gets x[i] (0 beyond
+// n).  Step k brings each lane the pivot, its row's multiplier and the pivot row's
+// entries in its columns by five independent shuffles, then one reciprocal and three
+// updates, so a step's critical path is a shuffle, a division, a product and a fused
+// multiply-add; the elimination with a row per lane (factor_reg) fetches the pivot
+// row the same way but leaves two substitutions, chains of n shuffles each.  No
+// pivoting (SPD); a pivot <= 0 is used as 1e-300, as in solve_spd.  Not the same
+// rounding as solve_spd: the projection reaches the same point either way, to its
+// convergence tolerance.  (Not kept: Bareiss's fraction-free form, which takes the
+// division off the critical path; with fused multiply-adds, as nvcc emits them, its
+// near-singular systems (a tight component's Laplacian plus the 1e-12 regularisation)
+// lost the Newton direction: cube EP64 components took 17-20 Newton iterations
+// instead of 2, in the CPU build with -mfma -ffp-contract=fast as on the GPU.)
+__device__ __forceinline__ double solve_gj8(const double* A, int n, int lda, double rhs) {
+  const int l = threadIdx.x, i = l >> 2, c = l & 3;
+  __syncwarp();  // the rows are final
+  const double* row = A + static_cast<size_t>(i) * lda;
+  double a0 = (i < n && c < n) ? row[c] : (i == c ? 1.0 : 0.0);
+  double a1 = (i < n && c + 4 < n) ? row[c + 4] : (i == c + 4 ? 1.0 : 0.0);
+  double b = __shfl_sync(kFull, l < n ? rhs : 0.0, i);
+LPLB_PRAGMA(unroll)
+  for (int k = 0; k < 8; ++k) {
+    if (k >= n) break;
+    const int src = 4 * k + c;
+    const double dkk = __shfl_sync(kFull, k < 4 ? a0 : a1, 4 * k + (k & 3));
+    const double mik = __shfl_sync(kFull, k < 4 ? a0 : a1, 4 * i + (k & 3));
+    const double p0 = __shfl_sync(kFull, a0, src), p1 = __shfl_sync(kFull, a1, src);
+    const double bk = __shfl_sync(kFull, b, 4 * k);
+    const double inv = 1.0 / (dkk > 0.0 ? dkk : 1e-300);
+    // row k: p / pivot; the others: a - (multiplier / pivot) p (selects, not a branch)
+    const bool piv = i == k;
+    const double f = piv ? -inv : mik * inv;
+    a0 = (piv ? 0.0 : a0) - f * p0;
+    a1 = (piv ? 0.0 : a1) - f * p1;
+    b = (piv ? 0.0 : b) - f * bk;
+  }
+  const double x = __shfl_sync(kFull, b, 4 * (l & 7));
+  __syncwarp();  // A may be rebuilt next
+  return l < n ? x : 0.0;
+}
+
 // Gaussian elimination of an SPD A (n <= NR, row i at A + i * lda) without pivoting,
 // row i in lane i's registers (rows and columns from n to NR act as the identity):
 // step k takes row k by shuffles and updates rows i > k, keeping the multipliers
@@ -117,9 +162,9 @@ __device__ __forceinline__ double solve_spd(double* A, int n, int lda, double rh
 // the same operations in the same order as solve_spd.  (Measured on H200 against
 // the elimination on rows in shared memory: the IPM's factor and substitutions ~1.8x
 // faster at 8 ranks, its whole solve 5% faster at 32; applying each shuffled entry
-// as it arrives instead of fetching the whole row first was slower.  The exact
-// projection takes it for 8 active ranks only: it always runs NR - 1 steps, where
-// solve_spd runs n.)
+// as it arrives instead of fetching the whole row first was slower.  The IPM keeps
+// the factor for two substitutions; the exact projection, one right-hand side,
+// takes solve_gj8.)
 template <int NR>
 __device__ __forceinline__ bool factor_reg(const double* A, int n, int lda, double (&a)[NR], double& inv) {
   const int i = threadIdx.x;
@@ -534,13 +579,7 @@ LPLB_PRAGMA(unroll)
       LPLB_TICK(P, 5);
       // lane k solves for row k (its rank's right-hand side comes by shuffle)
       double x = __shfl_sync(kFull, rhs, r < n_act ? sm.owner[r] : 0);
-      if (n_act == 8) {  // (solve_spd is faster below: fewer steps; measured, docs/benchmarks.md)
-        double a[8], inv, x2;
-        factor_reg<8>(sm.schur, n_act, lda, a, inv);
-        subst_reg<8>(a, n_act, inv, false, x, 0.0, x, x2);
-      } else {
-        x = solve_spd(sm.schur, n_act, lda, x);
-      }
+      x = n_act <= 8 ? solve_gj8(sm.schur, n_act, lda, x) : solve_spd(sm.schur, n_act, lda, x);
       const double xr = __shfl_sync(kFull, x, L.active ? cpos : 0);
       L.d_b = L.active ? xr : 0.0;  // (so the experts need not look up activity)
       LPLB_TICK(P, 6);
