@@ -1,13 +1,14 @@
 // Solve kernels: one thread block per connected component of the replica graph
 // (solve_exact.cuh, solve_ipm.cuh; one warp for small components: solve_pair.cuh and
-// solve_ipm_pair.cuh when two-copy, solve_ipm_warp.cuh for the IPM otherwise), then
-// one thread per logical expert turns the edge flow into the per-slot split and the
-// cumulative copy shares the map kernel reads.  No host sync.
+// solve_ipm_pair.cuh when two-copy, solve_exact_warp.cuh and solve_ipm_warp.cuh
+// otherwise), then one thread per logical expert turns the edge flow into the
+// per-slot split and the cumulative copy shares the map kernel reads.  No host sync.
 #include <cuda_runtime.h>
 
 #include "lplb_solve.h"
 #include "pdl.cuh"
 #include "solve_exact.cuh"
+#include "solve_exact_warp.cuh"
 #include "solve_ipm.cuh"
 #include "solve_ipm_pair.cuh"
 #include "solve_ipm_warp.cuh"
@@ -61,6 +62,26 @@ __global__ void __launch_bounds__(32, 1) pair_kernel(CompArrays a, const T* load
 #if defined(__CUDA_ARCH__)  // (pair::solve is device code only)
   const exact::Result r = pair::solve<J>(v, loads, w, lipschitz, max_rounds);
   write_out(team, v, c, w.flow, w.load, r.certified, r.bound, r.rounds, r.newton_iters, out);
+#endif
+}
+
+// The exact method in one warp per component, every component small (any number of
+// copies per expert; solve_exact_warp.cuh).  The index arrays are staged in shared
+// memory after the scratch (work_bytes of it), as ipm_warp_kernel stages them.
+template <typename T>
+__global__ void __launch_bounds__(32, 1) exact_warp_kernel(CompArrays a, const T* loads, double lipschitz,
+                                                        int max_rounds, SolveOut out, size_t work_bytes) {
+  extern __shared__ double smem[];
+  pdl_trigger();  // the slots kernel may start (it waits for this one's end)
+  const int c = blockIdx.x;
+  blk::Team team{smem};
+  const View g = View::of(a, c);
+  const View v = g.stage(team, reinterpret_cast<int*>(reinterpret_cast<char*>(smem + kRedDoubles) + work_bytes));
+  exact_warp::Smem sm;
+  exact_warp::Smem::layout(&sm, reinterpret_cast<char*>(smem + kRedDoubles), v.R, v.M, v.E);
+#if defined(__CUDA_ARCH__)  // (exact_warp::solve is device code only)
+  const exact::Result r = exact_warp::solve(v, loads, sm, lipschitz, max_rounds);
+  write_out(team, v, c, sm.flow, sm.load, r.certified, r.bound, r.rounds, r.newton_iters, out);
 #endif
 }
 
@@ -119,10 +140,23 @@ __global__ void __launch_bounds__(32, 1) ipm_warp_kernel(CompArrays a, const T* 
 #endif
 }
 
-// One block's scratch in bytes (after the reduction head) for `method`.
+// Whether components of these sizes fit exact_warp::solve's limits.
+bool fits_exact_warp(const SolveSizes& sz) {
+  return sz.max_ranks <= exact_warp::kMaxRanks && sz.max_experts <= exact_warp::kMaxExperts &&
+         sz.max_edges <= exact_warp::kMaxEdges;
+}
+
+// One block's scratch in bytes (after the reduction head) for `method`: the most any
+// of its kernels takes at these sizes (exact: exact::Work, and exact_warp::Smem where
+// the sizes fit it: smaller, but counted, so that solve_schur_in_smem answers for it
+// too; beyond its limits its R x R system, always in shared memory, must not count).
 size_t work_bytes(int method, const SolveSizes& sz, bool schur_inside) {
-  return method == 1 ? ipm::Work::layout(nullptr, nullptr, sz.max_ranks, sz.max_experts, sz.max_edges, schur_inside)
-                     : exact::Work::layout(nullptr, nullptr, sz.max_ranks, sz.max_experts, sz.max_edges, schur_inside);
+  if (method == 1)
+    return ipm::Work::layout(nullptr, nullptr, sz.max_ranks, sz.max_experts, sz.max_edges, schur_inside);
+  const size_t block = exact::Work::layout(nullptr, nullptr, sz.max_ranks, sz.max_experts, sz.max_edges, schur_inside);
+  if (!fits_exact_warp(sz)) return block;
+  const size_t warp = exact_warp::Smem::layout(nullptr, nullptr, sz.max_ranks, sz.max_experts, sz.max_edges);
+  return block > warp ? block : warp;
 }
 
 // x[p] and cum[e, :] (the bit-exact definition of lplb_plugin.redirect.copy_fractions).
@@ -210,6 +244,7 @@ cudaError_t launch(const CompArrays& a, const SolveSizes& sz, const T* loads, in
                            sz.max_experts <= pair::kMaxExperts;
   const bool small_any = inside && sz.one_warp && sz.max_ranks <= ipm_warp::kMaxRanks &&
                          sz.max_experts <= ipm_warp::kMaxExperts && sz.max_edges <= ipm_warp::kMaxEdges;
+  const bool small_any_exact = inside && sz.one_warp && fits_exact_warp(sz);
   if (method == 1 && small_pairs) {
     const size_t bytes = head + ipm_pair::Smem::layout(nullptr, nullptr, sz.max_ranks, sz.max_edges);
     const bool j1 = sz.max_experts <= 32;
@@ -238,6 +273,12 @@ cudaError_t launch(const CompArrays& a, const SolveSizes& sz, const T* loads, in
       auto kernel = sz.max_experts <= 32 ? pair_kernel<1, T> : pair_kernel<2, T>;
       if (cudaError_t err = allow_smem(kernel, bytes); err != cudaSuccess) return err;
       kernel<<<a.n_comp, 32, bytes, stream>>>(a, loads, lipschitz, max_rounds, out, work);
+    } else if (small_any_exact) {  // (two-copy placements keep pair_kernel above)
+      const size_t warp_work = exact_warp::Smem::layout(nullptr, nullptr, sz.max_ranks, sz.max_experts, sz.max_edges);
+      const size_t warp_bytes = head + warp_work + staged;
+      auto kernel = exact_warp_kernel<T>;
+      if (cudaError_t err = allow_smem(kernel, warp_bytes); err != cudaSuccess) return err;
+      kernel<<<a.n_comp, 32, warp_bytes, stream>>>(a, loads, lipschitz, max_rounds, out, warp_work);
     } else {
       // one warp per 32 of the largest component's edges / experts + ranks (at least
       // one, at most 8): small components get cheap barriers, large ones enough lanes

@@ -11,7 +11,7 @@ namespace lplb {
 // Largest component of the graph (sizes the per-block scratch); two_copy: every movable
 // expert has exactly two edges; one_warp: small components may take the one-warp
 // solvers (two-copy: solve_pair.cuh for exact, solve_ipm_pair.cuh for ipm; others:
-// solve_ipm_warp.cuh for ipm).
+// solve_exact_warp.cuh for exact, solve_ipm_warp.cuh for ipm).
 struct SolveSizes {
   int max_ranks, max_experts, max_edges;
   bool two_copy, one_warp;

@@ -9,6 +9,7 @@
 #define LPLB_WARP_EMULATION
 #include "warp_emulation.h"
 #include "solve_pair.cuh"
+#include "solve_exact_warp.cuh"
 #include "solve_ipm_pair.cuh"
 #include "solve_ipm_warp.cuh"
 
@@ -87,6 +88,23 @@ void each_warp_ipm_component(const lplb::CompArrays& a, const lplb::SolveOut& ou
   });
 }
 
+// solve(view, sm) -> exact::Result for every component on one emulated warp, as
+// exact_warp_kernel sets it up (index arrays staged, exact_warp::Smem in a host
+// buffer); the answer to out.
+template <typename Solve>
+void each_exact_warp_component(const lplb::CompArrays& a, const lplb::SolveOut& out, Solve&& solve) {
+  namespace xw = lplb::exact_warp;
+  each_component(a, [&](const lplb::blk::Team& team, const lplb::View& g, int c) {
+    std::vector<int> staged(lplb::View::staged_ints(g.R, g.M, g.E));
+    const lplb::View v = g.stage(team, staged.data());
+    std::vector<double> buf(xw::Smem::layout(nullptr, nullptr, v.R, v.M, v.E) / sizeof(double) + 1);
+    xw::Smem sm;
+    xw::Smem::layout(&sm, reinterpret_cast<char*>(buf.data()), v.R, v.M, v.E);
+    const lplb::exact::Result r = on_warp([&] { return solve(v, sm); });
+    lplb::write_out(team, v, c, sm.flow, sm.load, r.certified, r.bound, r.rounds, r.newton_iters, out);
+  });
+}
+
 }  // namespace
 
 // Every entry point takes the arrays of lplb_plugin/component_arrays.py (one int
@@ -130,6 +148,23 @@ int lplb_solve_pair_host(LPLB_HOST_ARRAYS, const double* loads, double lipschitz
       return l.M <= 32 ? lplb::pair::solve<1>(v, loads, w, lipschitz, max_rounds)
                        : lplb::pair::solve<2>(v, loads, w, lipschitz, max_rounds);
     });
+  });
+  return 0;
+}
+
+// The one-warp exact solver for small components of any placement
+// (csrc/solve_exact_warp.cuh), its warp emulated by 32 host threads: same arrays,
+// options and outputs as lplb_solve_exact_host; every component must be within
+// exact_warp::kMax* (the caller checks, as the CUDA launcher's caller does).
+// Returns 0, or 1 when a component is too large.
+int lplb_solve_exact_warp_host(LPLB_HOST_ARRAYS, const double* loads, double lipschitz, int max_rounds,
+                               LPLB_HOST_OUT) {
+  LPLB_HOST_STRUCTS;
+  namespace xw = lplb::exact_warp;
+  const Largest l = largest(a);
+  if (l.R > xw::kMaxRanks || l.M > xw::kMaxExperts || l.E > xw::kMaxEdges) return 1;
+  each_exact_warp_component(a, out, [&](const lplb::View& v, const xw::Smem& sm) {
+    return xw::solve(v, loads, sm, lipschitz, max_rounds);
   });
   return 0;
 }

@@ -25,7 +25,8 @@ into the rank, expert and edge arrays):
 
 ``two_copy`` says that every movable expert has exactly two edges (copies on two
 ranks: all upstream topologies); the exact kernel then solves small components with
-its one-warp variant (``csrc/solve_pair.cuh``).
+its one-warp two-copy variant (``csrc/solve_pair.cuh``; other small components:
+``csrc/solve_exact_warp.cuh``).
 """
 
 from __future__ import annotations

@@ -169,8 +169,9 @@ class DeviceSolver:
         #: let small components take the one-warp solvers (two-copy components of at
         #: most 32 ranks and 64 experts: csrc/solve_pair.cuh for exact and
         #: csrc/solve_ipm_pair.cuh for ipm; other components of at most 32 ranks,
-        #: experts and edges: csrc/solve_ipm_warp.cuh for ipm).  Same answers to
-        #: rounding, faster; False forces the block kernels (the tests compare them).
+        #: experts and edges: csrc/solve_exact_warp.cuh for exact and
+        #: csrc/solve_ipm_warp.cuh for ipm).  Same answers to rounding, faster; False
+        #: forces the block kernels (the tests compare them).
         self.use_warp = True
         i32 = dict(dtype=torch.int32, device=device)
         self._graph = [

@@ -84,7 +84,9 @@ def solve_host(graph: SplitGraph, loads: torch.Tensor, method: str = "exact", **
     """Run the kernels' solve on the CPU.  ``loads`` float64 ``[L]``.  ``method``:
     ``"exact"`` (option ``max_rounds``), ``"pair"`` (the exact method's one-warp
     two-copy solver, its warp emulated by 32 threads; same option; the graph must be
-    two-copy with small components), ``"ipm"`` (options ``max_iters``, ``tol``;
+    two-copy with small components), ``"exact_warp"`` (the exact method's one-warp
+    solver for components of at most 32 ranks, experts and edges, any placement,
+    emulated likewise; same option), ``"ipm"`` (options ``max_iters``, ``tol``;
     defaults those of the torch IPM), ``"ipm_pair"`` (the IPM's one-warp two-copy
     solver, emulated likewise; same options and the same restriction as ``"pair"``)
     or ``"ipm_warp"`` (the IPM's one-warp solver for components of at most 32 ranks,
@@ -102,8 +104,9 @@ def solve_host(graph: SplitGraph, loads: torch.Tensor, method: str = "exact", **
     pi = [_ptr(a, ctypes.c_int) for a in ints]
     tail = [_ptr(flow, ctypes.c_double), _ptr(rank, ctypes.c_double), _ptr(status, ctypes.c_int),
             _ptr(bound, ctypes.c_double), _ptr(iters, ctypes.c_int)]
-    if method in ("exact", "pair"):
-        fn = lib.lplb_solve_exact_host if method == "exact" else lib.lplb_solve_pair_host
+    if method in ("exact", "pair", "exact_warp"):
+        fn = {"exact": lib.lplb_solve_exact_host, "pair": lib.lplb_solve_pair_host,
+              "exact_warp": lib.lplb_solve_exact_warp_host}[method]
         rc = fn(ctypes.c_int(C), *pi, _ptr(ld, ctypes.c_double), ctypes.c_double(arrays.lipschitz),
                 ctypes.c_int(options.get("max_rounds", 5)), *tail)
     elif method in ("ipm", "ipm_pair", "ipm_warp"):

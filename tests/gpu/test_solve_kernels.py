@@ -11,6 +11,7 @@ from instances import (
     instances,
     random_placement,
     rel_diff,
+    sample_batch,
     two_copy_placements,
     varied_loads,
 )
@@ -18,6 +19,7 @@ from lplb_plugin.data import load_profile
 from lplb_plugin import Planner, kernels, topology
 from lplb_plugin.errors import LPLBInputError
 from lplb_plugin.layout import ExpertPlacement
+from lplb_plugin.placement import rebalance_experts
 from lplb_plugin.problem import SplitGraph
 from lplb_plugin.redirect import copy_fractions, redirect
 from lplb_plugin.solvers.exact import solve_exact
@@ -92,6 +94,68 @@ def test_one_warp_two_copy_solver_equals_general_kernel():
         assert not bool(fb.status.cpu()[has_edges].any()), name
         assert torch.allclose(fb.edge_flow.cpu(), g.even_flow(loads), rtol=1e-12, atol=1e-9), name
     assert seen_pair >= 10
+
+
+def _prefill_eplb_placements() -> list[tuple[str, ExpertPlacement]]:
+    """EPLB placements on the prefill profile, as benchmarks/bench_planner.py builds its
+    eplb-ep32-288, plus 320 slots at EP32 and 272 at EP16."""
+    prof = load_profile("prefill")
+    out = []
+    for name, slots, groups, nodes, gpus in [
+        ("prefill-eplb-h-ep32-288", 288, 8, 4, 32),
+        ("prefill-eplb-h-ep32-320", 320, 8, 4, 32),
+        ("prefill-eplb-h-ep16-272", 272, 8, 2, 16),
+    ]:
+        phy2log, _, _ = rebalance_experts(prof[10:11], slots, groups, nodes, gpus)
+        out.append((name, ExpertPlacement.from_phy2log(phy2log[0], gpus, prof.shape[1])))
+    return out
+
+
+def test_one_warp_exact_solver_any_placement_equals_general_kernel():
+    """csrc/solve_exact_warp.cuh (one warp, experts with any number of copies) runs
+    exact::solve's steps: against the general exact kernel (use_warp = False) and the
+    reference on EPLB placements (tests/instances.py's, on the decode profile, and the
+    prefill ones above; placements whose components have at most 32 ranks, experts and
+    edges take the warp kernel, the others the general kernel on both sides), with
+    varied loads and prefill batches: same status, rounds and (to one) Newton
+    iterations, flows and bounds equal to rounding; and the fallback path."""
+    gen = torch.Generator().manual_seed(7)
+    prof = load_profile("prefill")
+    seen_any = 0
+    for name, p in eplb_placements(load_profile("decode")[5]) + _prefill_eplb_placements():
+        ds, g, _ = _solver(p)
+        arr = ds.arrays
+        seen_any += not arr.two_copy and max(arr.max_ranks, arr.max_experts, arr.max_edges) <= 32
+        batches = [varied_loads(gen, p.n_logical, k) for k in range(6)]
+        batches += [sample_batch(gen, prof[layer], 16384 * 8) for layer in (3, 30)]
+        for k, loads in enumerate(batches):
+            ds.use_warp = True
+            a = ds.solve(loads.cuda())
+            ds.use_warp = False
+            b = ds.solve(loads.cuda())
+            ref = solve_exact(g, loads)
+            scale = float(loads.max())
+            assert torch.equal(a.status, b.status) and bool(a.status.all()) == ref.certified, (name, k)
+            assert torch.equal(a.iters[:, 0], b.iters[:, 0]), (name, k)
+            assert int((a.iters[:, 1] - b.iters[:, 1]).abs().max()) <= 1, (name, k)
+            assert rel_diff(a.edge_flow.cpu(), b.edge_flow.cpu(), scale) <= 1e-10, (name, k)
+            assert rel_diff(a.rank_loads.cpu(), b.rank_loads.cpu(), scale) <= 1e-10, (name, k)
+            assert torch.allclose(a.bound, b.bound, rtol=1e-12, atol=0), (name, k)
+            if ref.certified:  # the unique answer
+                assert rel_diff(a.edge_flow.cpu(), ref.edge_flow, scale) <= 1e-9, (name, k)
+                assert rel_diff(a.rank_loads.cpu(), ref.rank_loads, scale) <= 1e-9, (name, k)
+            else:  # (loads spanning ~27 orders of magnitude) a fallback: valid, not unique
+                flow = a.edge_flow.cpu()
+                sums = torch.zeros(g.n_movable, dtype=torch.float64).index_add_(0, g.edge_expert, flow)
+                assert bool((flow >= 0).all()) and torch.allclose(sums, g.demands(loads), rtol=1e-9, atol=1e-9)
+        # the fallback path (no certification round) gives the even split, reported
+        ds.use_warp = True
+        loads = loads.clamp_min(1.0)
+        fb = ds.solve(loads.cuda(), max_rounds=0)
+        has_edges = (ds.arrays.comp_edge_off[1:] > ds.arrays.comp_edge_off[:-1]).cpu()
+        assert not bool(fb.status.cpu()[has_edges].any()), name
+        assert torch.allclose(fb.edge_flow.cpu(), g.even_flow(loads), rtol=1e-12, atol=1e-9), name
+    assert seen_any >= 5, seen_any
 
 
 def test_one_warp_ipm_equals_general_ipm_kernel():
