@@ -182,16 +182,23 @@ __device__ __forceinline__ void setup(const View& v, const T* loads, Lane& L) {
 // exact::fista's threshold candidate of edge i (value vi) of an expert with three or
 // more edges: its rank k in the expert's descending order of values (ties by
 // position) and the sum css of the k largest give (css - d) / k, NaN when not valid.
+// The siblings' values are read four at a time, their loads issued together (one
+// shared-memory latency per four, not per sibling), and added in edge order.
 __device__ __forceinline__ double threshold_candidate(const Lane& L, const double* val, double vi) {
   const int i = threadIdx.x;
   int k = 1;
   double css = vi;
-  for (int j = L.elo; j < L.ehi; ++j) {
-    if (j == i) continue;
-    const double vj = val[j];
-    if (vj > vi || (vj == vi && j < i)) {
-      ++k;
-      css += vj;
+  for (int j0 = L.elo; j0 < L.ehi; j0 += 4) {
+    double vj[4];
+LPLB_PRAGMA(unroll)
+    for (int q = 0; q < 4; ++q) vj[q] = j0 + q < L.ehi ? val[j0 + q] : 0.0;
+LPLB_PRAGMA(unroll)
+    for (int q = 0; q < 4; ++q) {
+      const int j = j0 + q;
+      if (j < L.ehi && j != i && (vj[q] > vi || (vj[q] == vi && j < i))) {
+        ++k;
+        css += vj[q];
+      }
     }
   }
   const double th = (css - L.c) / k;
@@ -200,7 +207,8 @@ __device__ __forceinline__ double threshold_candidate(const Lane& L, const doubl
 
 // The edge's new y: the projection of the values val onto its expert's simplex, by
 // exact::fista's closed form for two edges, else by the threshold of the valid
-// candidate (th) of smallest value, ties to the later edge.
+// candidate (th) of smallest value, ties to the later edge (read four at a time, as
+// above).
 __device__ __forceinline__ double simplex_y(const Lane& L, const double* val, const double* th, double vi) {
   const double d = L.c;
   if (L.ehi - L.elo == 2) {
@@ -209,18 +217,25 @@ __device__ __forceinline__ double simplex_y(const Lane& L, const double* val, co
     return static_cast<int>(threadIdx.x) == L.elo ? first : d - first;
   }
   int best = -1;
-  double vb = 0.0;
-  for (int j = L.elo; j < L.ehi; ++j) {
-    const double tj = th[j], vj = val[j];
-    if (tj == tj && (best < 0 || vj < vb || (vj == vb && j > best))) {
-      best = j;
-      vb = vj;
+  double vb = 0.0, t = 0.0;
+  for (int j0 = L.elo; j0 < L.ehi; j0 += 4) {
+    double tj[4], vj[4];
+LPLB_PRAGMA(unroll)
+    for (int q = 0; q < 4; ++q) {
+      const bool in = j0 + q < L.ehi;
+      tj[q] = in ? th[j0 + q] : NAN;
+      vj[q] = in ? val[j0 + q] : 0.0;
+    }
+LPLB_PRAGMA(unroll)
+    for (int q = 0; q < 4; ++q) {
+      if (tj[q] == tj[q] && (best < 0 || vj[q] < vb || (vj[q] == vb && j0 + q > best))) {
+        best = j0 + q;
+        vb = vj[q];
+        t = tj[q];
+      }
     }
   }
-  double t;
-  if (best >= 0) {
-    t = th[best];
-  } else {  // only when all values are -inf-like: the largest one keeps d
+  if (best < 0) {  // only when all values are -inf-like: the largest one keeps d
     double mx = val[L.elo];
     for (int j = L.elo + 1; j < L.ehi; ++j) mx = val[j] > mx ? val[j] : mx;
     t = mx - d;
