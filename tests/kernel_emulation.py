@@ -12,6 +12,7 @@ import ctypes
 import hashlib
 import inspect
 import os
+import platform
 import shutil
 import subprocess
 from dataclasses import dataclass
@@ -45,19 +46,38 @@ def compiler() -> str | None:
     return None
 
 
-@lru_cache(maxsize=1)
-def library() -> ctypes.CDLL:
+# The GPU build fuses a * b + c into one rounding (nvcc's default); the host compiler
+# does not unless asked.  A build with these flags brings the CPU's rounding closer to
+# the GPU's, so that an algorithm that only works without fused multiply-adds fails
+# here too (a Bareiss-form elimination passed the plain build and failed on the GPU).
+FMA_FLAGS = ("-mfma", "-ffp-contract=fast")
+
+
+def fma_supported() -> bool:
+    """Whether this machine can run the FMA build: an x86-64 CPU with FMA."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(line.startswith("flags") and " fma " in f"{line} " for line in info.splitlines())
+
+
+@lru_cache(maxsize=2)
+def library(fma: bool = False) -> ctypes.CDLL:
+    """The CPU build of csrc/solve_host.cpp; ``fma``: with :data:`FMA_FLAGS`."""
     src = csrc_dir()
     files = sorted(src.glob("*.cuh")) + [src / "warp_emulation.h", src / "solve_host.cpp"]
     digest = hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()[:16]
     cache = Path(os.environ.get("LPLB_CACHE_DIR", Path.home() / ".cache" / "lplb_plugin")) / "host"
     cache.mkdir(parents=True, exist_ok=True)
-    lib = cache / f"solve_host_{digest}.so"
+    lib = cache / f"solve_host_{digest}{'_fma' if fma else ''}.so"
     if not lib.exists():
         tmp = lib.with_suffix(f".{os.getpid()}.tmp")
         subprocess.run(
-            [compiler(), "-std=c++20", "-O2", "-Wall", "-Werror", "-shared", "-fPIC", "-pthread", str(src / "solve_host.cpp"),
-             "-o", str(tmp)],
+            [compiler(), "-std=c++20", "-O2", *(FMA_FLAGS if fma else ()), "-Wall", "-Werror", "-shared", "-fPIC",
+             "-pthread", str(src / "solve_host.cpp"), "-o", str(tmp)],
             check=True,
         )
         tmp.replace(lib)
@@ -80,7 +100,8 @@ def _ipm_defaults() -> dict:
     return {k: params[k].default for k in ("max_iters", "tol")}
 
 
-def solve_host(graph: SplitGraph, loads: torch.Tensor, method: str = "exact", **options) -> HostSolve:
+def solve_host(graph: SplitGraph, loads: torch.Tensor, method: str = "exact", fma: bool = False,
+               **options) -> HostSolve:
     """Run the kernels' solve on the CPU.  ``loads`` float64 ``[L]``.  ``method``:
     ``"exact"`` (option ``max_rounds``), ``"pair"`` (the exact method's one-warp
     two-copy solver, its warp emulated by 32 threads; same option; the graph must be
@@ -90,9 +111,10 @@ def solve_host(graph: SplitGraph, loads: torch.Tensor, method: str = "exact", **
     defaults those of the torch IPM), ``"ipm_pair"`` (the IPM's one-warp two-copy
     solver, emulated likewise; same options and the same restriction as ``"pair"``)
     or ``"ipm_warp"`` (the IPM's one-warp solver for components of at most 32 ranks,
-    experts and edges, any placement)."""
+    experts and edges, any placement).  ``fma``: the build with fused multiply-adds
+    (:func:`library`; needs :func:`fma_supported`)."""
     arrays = ComponentArrays.from_graph(graph)
-    lib = library()
+    lib = library(fma)
     ints = _int_arrays(arrays)
     ld = np.ascontiguousarray(loads.to(torch.float64).numpy())
     C = arrays.n_comp
