@@ -126,7 +126,9 @@ __device__ __forceinline__ double solve_spd(double* A, int n, int lda, double rh
 __device__ __forceinline__ double solve_gj8(const double* A, int n, int lda, double rhs) {
   const int l = threadIdx.x, i = l >> 2, c = l & 3;
   __syncwarp();  // the rows are final
-  const double* row = A + static_cast<size_t>(i) * lda;
+  // (rows from n on may lie past the caller's array: their lanes address row 0, and
+  // the selects below never use what they would read)
+  const double* row = A + static_cast<size_t>(i < n ? i : 0) * lda;
   double a0 = (i < n && c < n) ? row[c] : (i == c ? 1.0 : 0.0);
   double a1 = (i < n && c + 4 < n) ? row[c + 4] : (i == c + 4 ? 1.0 : 0.0);
   double b = __shfl_sync(kFull, l < n ? rhs : 0.0, i);
