@@ -146,17 +146,13 @@ bool fits_exact_warp(const SolveSizes& sz) {
          sz.max_edges <= exact_warp::kMaxEdges;
 }
 
-// One block's scratch in bytes (after the reduction head) for `method`: the most any
-// of its kernels takes at these sizes (exact: exact::Work, and exact_warp::Smem where
-// the sizes fit it: smaller, but counted, so that solve_schur_in_smem answers for it
-// too; beyond its limits its R x R system, always in shared memory, must not count).
+// One block's scratch in bytes (after the reduction head) for `method`.  (For exact it
+// also bounds exact_warp::Smem wherever that kernel runs, which is only where
+// exact::Work keeps its Newton matrix in shared memory too: array for array, Work
+// holds at least as much per rank, expert and edge.)
 size_t work_bytes(int method, const SolveSizes& sz, bool schur_inside) {
-  if (method == 1)
-    return ipm::Work::layout(nullptr, nullptr, sz.max_ranks, sz.max_experts, sz.max_edges, schur_inside);
-  const size_t block = exact::Work::layout(nullptr, nullptr, sz.max_ranks, sz.max_experts, sz.max_edges, schur_inside);
-  if (!fits_exact_warp(sz)) return block;
-  const size_t warp = exact_warp::Smem::layout(nullptr, nullptr, sz.max_ranks, sz.max_experts, sz.max_edges);
-  return block > warp ? block : warp;
+  return method == 1 ? ipm::Work::layout(nullptr, nullptr, sz.max_ranks, sz.max_experts, sz.max_edges, schur_inside)
+                     : exact::Work::layout(nullptr, nullptr, sz.max_ranks, sz.max_experts, sz.max_edges, schur_inside);
 }
 
 // x[p] and cum[e, :] (the bit-exact definition of lplb_plugin.redirect.copy_fractions).

@@ -82,16 +82,28 @@ def varied_loads(gen: torch.Generator, n_logical: int, k: int) -> torch.Tensor:
     return loads
 
 
-def eplb_placements(profile: torch.Tensor) -> list[tuple[str, ExpertPlacement]]:
-    """EPLB placements (hierarchical and global) built on one profile row."""
+EPLB_CONFIGS = [  # (name, slots, groups, nodes, gpus)
+    ("eplb-h-ep32-288", 288, 8, 4, 32),
+    ("eplb-g-ep32-288", 288, 1, 1, 32),
+    ("eplb-h-ep64-320", 320, 8, 8, 64),
+    ("eplb-g-ep16-320", 320, 1, 1, 16),
+    ("eplb-g-ep8-264", 264, 1, 1, 8),
+]
+# small enough for the one-warp solvers on the prefill profile: benchmarks/bench_planner.py's
+# eplb-ep32-288, and 320 slots at EP32 and 272 at EP16
+SMALL_EPLB_CONFIGS = [
+    ("eplb-h-ep32-288", 288, 8, 4, 32),
+    ("eplb-h-ep32-320", 320, 8, 4, 32),
+    ("eplb-h-ep16-272", 272, 8, 2, 16),
+    ("eplb-g-ep16-272", 272, 1, 1, 16),
+]
+
+
+def eplb_placements(profile: torch.Tensor, configs=EPLB_CONFIGS) -> list[tuple[str, ExpertPlacement]]:
+    """EPLB placements (hierarchical and global) built on one profile row, one per
+    (name, slots, groups, nodes, gpus) of ``configs``."""
     out = []
-    for name, slots, groups, nodes, gpus in [
-        ("eplb-h-ep32-288", 288, 8, 4, 32),
-        ("eplb-g-ep32-288", 288, 1, 1, 32),
-        ("eplb-h-ep64-320", 320, 8, 8, 64),
-        ("eplb-g-ep16-320", 320, 1, 1, 16),
-        ("eplb-g-ep8-264", 264, 1, 1, 8),
-    ]:
+    for name, slots, groups, nodes, gpus in configs:
         phy2log, _, _ = rebalance_experts(profile.unsqueeze(0), slots, groups, nodes, gpus)
         out.append((name, ExpertPlacement.from_phy2log(phy2log[0], gpus, profile.numel())))
     return out

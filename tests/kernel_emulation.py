@@ -100,6 +100,20 @@ def _ipm_defaults() -> dict:
     return {k: params[k].default for k in ("max_iters", "tol")}
 
 
+def fits_pair(graph: SplitGraph) -> bool:
+    """Whether the one-warp two-copy solvers ("pair", "ipm_pair") take the graph:
+    two-copy, components of at most 32 ranks and 64 experts."""
+    a = ComponentArrays.from_graph(graph)
+    return a.two_copy and a.max_ranks <= 32 and a.max_experts <= 64
+
+
+def fits_exact_warp(graph: SplitGraph) -> bool:
+    """Whether the one-warp any-placement solvers ("exact_warp", "ipm_warp") take the
+    graph: components of at most 32 ranks, 32 movable experts and 32 edges."""
+    a = ComponentArrays.from_graph(graph)
+    return a.max_ranks <= 32 and a.max_experts <= 32 and a.max_edges <= 32
+
+
 def solve_host(graph: SplitGraph, loads: torch.Tensor, method: str = "exact", fma: bool = False,
                **options) -> HostSolve:
     """Run the kernels' solve on the CPU.  ``loads`` float64 ``[L]``.  ``method``:

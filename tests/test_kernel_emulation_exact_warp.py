@@ -15,21 +15,24 @@ import pytest
 import torch
 
 import kernel_emulation as emu
-from instances import instances, mult2_placement, random_placement, rel_diff, sample_batch, varied_loads, zipf_loads
+from instances import (
+    SMALL_EPLB_CONFIGS,
+    eplb_placements,
+    instances,
+    mult2_placement,
+    random_placement,
+    rel_diff,
+    sample_batch,
+    varied_loads,
+    zipf_loads,
+)
 from lplb_plugin.component_arrays import ComponentArrays
 from lplb_plugin.data import load_profile
 from lplb_plugin.layout import ExpertPlacement
-from lplb_plugin.placement import rebalance_experts
 from lplb_plugin.problem import SplitGraph
 from lplb_plugin.solvers.exact import solve_exact
 
 pytestmark = pytest.mark.skipif(emu.compiler() is None, reason="needs a C++ compiler")
-
-
-def _fits(graph: SplitGraph) -> bool:
-    """Within exact_warp::kMaxRanks / kMaxExperts / kMaxEdges."""
-    a = ComponentArrays.from_graph(graph)
-    return a.max_ranks <= 32 and a.max_experts <= 32 and a.max_edges <= 32
 
 
 def _compare(graph, loads, max_rounds=5, ref_certifies=False):
@@ -65,7 +68,7 @@ def test_same_answer_rounds_and_newton_iterations_as_general_kernel():
     newton = [0, 0]
     rounds = [0, 0]
     for inst in instances(400, seed=17):
-        if not _fits(inst.graph):
+        if not emu.fits_exact_warp(inst.graph):
             continue
         seen += 1
         eplb += not ComponentArrays.from_graph(inst.graph).two_copy
@@ -85,29 +88,14 @@ def test_same_answer_rounds_and_newton_iterations_as_general_kernel():
           f"{newton[1]}), rounds {rounds[0]} ({rounds[1]})")
 
 
-def _prefill_eplb():
-    """EPLB placements on the prefill profile: bench_planner.py's eplb-ep32-288, and
-    320 slots at EP32 and 272 at EP16 (hierarchical), 272 at EP16 (global)."""
-    prof = load_profile("prefill")
-    out = []
-    for name, slots, groups, nodes, gpus in [
-        ("eplb-h-ep32-288", 288, 8, 4, 32),
-        ("eplb-h-ep32-320", 320, 8, 4, 32),
-        ("eplb-h-ep16-272", 272, 8, 2, 16),
-        ("eplb-g-ep16-272", 272, 1, 1, 16),
-    ]:
-        phy2log, _, _ = rebalance_experts(prof[10:11], slots, groups, nodes, gpus)
-        out.append((name, ExpertPlacement.from_phy2log(phy2log[0], gpus, prof.shape[1])))
-    return out, prof
-
-
 def test_eplb_placements_on_the_prefill_profile():
-    placements, prof = _prefill_eplb()
+    prof = load_profile("prefill")
+    placements = eplb_placements(prof[10], SMALL_EPLB_CONFIGS)
     gen = torch.Generator().manual_seed(3)
     for name, p in placements:
         g = SplitGraph.from_placement(p)
         a = ComponentArrays.from_graph(g)
-        assert _fits(g) and not a.two_copy, name
+        assert emu.fits_exact_warp(g) and not a.two_copy, name
         batches = [sample_batch(gen, prof[layer], 16384 * 8) for layer in (3, 10, 30, 50)]
         batches += [varied_loads(gen, p.n_logical, k) for k in (1, 4)]
         for k, loads in enumerate(batches):
@@ -132,7 +120,7 @@ def test_random_small_placements():
         g = SplitGraph.from_placement(random_placement(gen, L, R, per))
         k = trial % 6
         loads = varied_loads(gen, L, k) if k < 4 else zipf_loads(gen, L, 1.0 + k / 4, 4096)
-        if not _fits(g) or g.n_edges == 0:
+        if not emu.fits_exact_warp(g) or g.n_edges == 0:
             continue
         seen += 1
         mult += int(g.edge_mult.max()) > 1
@@ -155,7 +143,7 @@ def test_edge_multiplicity_two_and_fallback(which):
     p = mult2_placement() if which == "two-copy" else _mult2_any_placement()
     g = SplitGraph.from_placement(p)
     a = ComponentArrays.from_graph(g)
-    assert _fits(g) and int(g.edge_mult.max()) == 2 and a.two_copy == (which == "two-copy")
+    assert emu.fits_exact_warp(g) and int(g.edge_mult.max()) == 2 and a.two_copy == (which == "two-copy")
     gen = torch.Generator().manual_seed(2)
     for k in range(20):
         loads = (torch.rand(40, generator=gen, dtype=torch.float64) ** (1 + k % 4)) * 1000
@@ -180,7 +168,7 @@ def test_degenerate_placements(case):
         "one-rank-three-slots": lambda: ExpertPlacement.from_phy2log(torch.tensor([0, 0, 0, 1, 0, 2]), 2, 3),
     }[case]()
     g = SplitGraph.from_placement(p)
-    assert _fits(g)
+    assert emu.fits_exact_warp(g)
     L = p.n_logical
     for loads in (torch.zeros(L, dtype=torch.float64), torch.arange(L, dtype=torch.float64) + 1,
                   torch.tensor([1e6] + [0.0] * (L - 1), dtype=torch.float64)):
@@ -205,4 +193,4 @@ def test_components_too_large_are_refused():
 
 
 def test_failed_attempts_stop_early():
-    assert emu.failed_attempts_check("exact_warp", _fits) >= 1
+    assert emu.failed_attempts_check("exact_warp", emu.fits_exact_warp) >= 1

@@ -15,7 +15,6 @@ import pytest
 
 import kernel_emulation as emu
 from instances import instances, rel_diff
-from lplb_plugin.component_arrays import ComponentArrays
 from lplb_plugin.solvers.exact import solve_exact
 
 pytestmark = [
@@ -24,12 +23,7 @@ pytestmark = [
 ]
 
 
-def _fits(method: str, a: ComponentArrays) -> bool:
-    if method == "pair":
-        return a.two_copy and a.max_ranks <= 32 and a.max_experts <= 64
-    if method == "exact_warp":
-        return max(a.max_ranks, a.max_experts, a.max_edges) <= 32
-    return True
+_FITS = {"pair": emu.fits_pair, "exact_warp": emu.fits_exact_warp, "exact": lambda graph: True}
 
 
 @pytest.mark.parametrize("method", ["pair", "exact_warp", "exact"])
@@ -37,7 +31,7 @@ def test_fused_multiply_adds_same_answer_and_iterations(method):
     seen = 0
     newton = {False: 0, True: 0}
     for inst in instances(200, seed=17):
-        if not _fits(method, ComponentArrays.from_graph(inst.graph)):
+        if not _FITS[method](inst.graph):
             continue
         seen += 1
         ref = solve_exact(inst.graph, inst.loads)

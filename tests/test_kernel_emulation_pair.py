@@ -23,14 +23,9 @@ from lplb_plugin.solvers.ipm import solve_ipm
 pytestmark = pytest.mark.skipif(emu.compiler() is None, reason="needs a C++ compiler")
 
 
-def _pair_solvable(graph: SplitGraph) -> bool:
-    a = ComponentArrays.from_graph(graph)
-    return a.two_copy and a.max_ranks <= 32 and a.max_experts <= 64
-
-
 def _pair_instances(count: int, seed: int):
     """The instances(count, seed) the one-warp two-copy solvers take."""
-    return (inst for inst in instances(count, seed=seed) if _pair_solvable(inst.graph))
+    return (inst for inst in instances(count, seed=seed) if emu.fits_pair(inst.graph))
 
 
 def test_same_answer_as_reference_and_general_kernel():
@@ -57,7 +52,7 @@ def test_same_answer_as_reference_and_general_kernel():
 def test_edge_multiplicity_two_and_fallback():
     p = mult2_placement()
     g = SplitGraph.from_placement(p)
-    assert _pair_solvable(g) and int(g.edge_mult.max()) == 2
+    assert emu.fits_pair(g) and int(g.edge_mult.max()) == 2
     gen = torch.Generator().manual_seed(2)
     for k in range(20):
         loads = (torch.rand(40, generator=gen, dtype=torch.float64) ** (1 + k % 4)) * 1000
@@ -77,7 +72,7 @@ def test_edge_multiplicity_two_and_fallback():
 def test_components_too_large_are_refused():
     """The caller must route larger components to the general kernel (the CUDA
     launcher does); the CPU build says so instead of solving."""
-    inst = next(i for i in instances(400, seed=17) if not _pair_solvable(i.graph) and
+    inst = next(i for i in instances(400, seed=17) if not emu.fits_pair(i.graph) and
                 ComponentArrays.from_graph(i.graph).two_copy)
     with pytest.raises(AssertionError):
         emu.solve_host(inst.graph, inst.loads, "pair")
@@ -95,7 +90,7 @@ def test_degenerate_placements(case):
         "ring2": lambda: ExpertPlacement.from_r2o(topology.ring(2), 10, 8, 2),
     }[case]()
     g = SplitGraph.from_placement(p)
-    assert _pair_solvable(g)
+    assert emu.fits_pair(g)
     L = p.n_logical
     for loads in (torch.zeros(L, dtype=torch.float64), torch.arange(L, dtype=torch.float64) + 1,
                   torch.tensor([1e6] + [0.0] * (L - 1), dtype=torch.float64)):
@@ -107,7 +102,7 @@ def test_degenerate_placements(case):
 
 
 def test_failed_attempts_stop_early():
-    assert emu.failed_attempts_check("pair", _pair_solvable) >= 1
+    assert emu.failed_attempts_check("pair", emu.fits_pair) >= 1
 
 
 # ---------------------------------------------------------------------------- ipm
@@ -175,7 +170,7 @@ def test_ipm_warp_same_iterations_as_general_kernel_any_placement():
 
 
 def test_ipm_components_too_large_are_refused():
-    inst = next(i for i in instances(400, seed=17) if not _pair_solvable(i.graph) and
+    inst = next(i for i in instances(400, seed=17) if not emu.fits_pair(i.graph) and
                 ComponentArrays.from_graph(i.graph).two_copy)
     with pytest.raises(AssertionError):
         emu.solve_host(inst.graph, inst.loads, "ipm_pair")

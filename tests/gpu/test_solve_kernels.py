@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from instances import (
+    SMALL_EPLB_CONFIGS,
     eplb_placements,
     instances,
     random_placement,
@@ -19,7 +20,6 @@ from lplb_plugin.data import load_profile
 from lplb_plugin import Planner, kernels, topology
 from lplb_plugin.errors import LPLBInputError
 from lplb_plugin.layout import ExpertPlacement
-from lplb_plugin.placement import rebalance_experts
 from lplb_plugin.problem import SplitGraph
 from lplb_plugin.redirect import copy_fractions, redirect
 from lplb_plugin.solvers.exact import solve_exact
@@ -56,6 +56,41 @@ def test_exact_kernel_matches_reference_on_300_instances(use_warp):
     print(f"exact kernel: worst relative flow difference {worst:.2e}")
 
 
+def _warp_equals_block_and_reference(ds, g, loads, tag):
+    """The one-warp exact solver (ds.use_warp) against the general kernel and the
+    reference on one load vector: the same status, flows and bounds as the general
+    kernel, and the reference's unique answer where it certifies (elsewhere a valid
+    fallback split).  Returns both kernels' splits."""
+    ds.use_warp = True
+    a = ds.solve(loads.cuda())
+    ds.use_warp = False
+    b = ds.solve(loads.cuda())
+    ref = solve_exact(g, loads)
+    scale = float(loads.max())
+    assert torch.equal(a.status, b.status) and bool(a.status.all()) == ref.certified, tag
+    assert rel_diff(a.edge_flow.cpu(), b.edge_flow.cpu(), scale) <= 1e-10, tag
+    assert torch.allclose(a.bound, b.bound, rtol=1e-12, atol=0), tag
+    if ref.certified:  # the unique answer
+        assert rel_diff(a.edge_flow.cpu(), ref.edge_flow, scale) <= 1e-9, tag
+        assert rel_diff(a.rank_loads.cpu(), ref.rank_loads, scale) <= 1e-9, tag
+    else:  # (loads spanning ~27 orders of magnitude) a fallback: valid, not unique
+        flow = a.edge_flow.cpu()
+        sums = torch.zeros(g.n_movable, dtype=torch.float64).index_add_(0, g.edge_expert, flow)
+        assert bool((flow >= 0).all()) and torch.allclose(sums, g.demands(loads), rtol=1e-9, atol=1e-9)
+    return a, b
+
+
+def _fallback_is_even_split(ds, g, loads, name):
+    """No certification round (one-warp solver): the even split, reported as a fallback
+    (every expert loaded: a component with no demand is trivially certified)."""
+    ds.use_warp = True
+    loads = loads.clamp_min(1.0)
+    fb = ds.solve(loads.cuda(), max_rounds=0)
+    has_edges = (ds.arrays.comp_edge_off[1:] > ds.arrays.comp_edge_off[:-1]).cpu()
+    assert not bool(fb.status.cpu()[has_edges].any()), name
+    assert torch.allclose(fb.edge_flow.cpu(), g.even_flow(loads), rtol=1e-12, atol=1e-9), name
+
+
 def test_one_warp_two_copy_solver_equals_general_kernel():
     """Same answer, certificate and bound as the general exact kernel and the reference,
     on every two-copy placement, with random and profile-like loads; the component
@@ -69,46 +104,9 @@ def test_one_warp_two_copy_solver_equals_general_kernel():
         seen_pair += ds.arrays.max_ranks <= 32
         for k in range(6):
             loads = varied_loads(gen, p.n_logical, k)
-            ds.use_warp = True
-            a = ds.solve(loads.cuda())
-            ds.use_warp = False
-            b = ds.solve(loads.cuda())
-            ref = solve_exact(g, loads)
-            scale = float(loads.max())
-            assert torch.equal(a.status, b.status) and bool(a.status.all()) == ref.certified, (name, k)
-            assert rel_diff(a.edge_flow.cpu(), b.edge_flow.cpu(), scale) <= 1e-10, (name, k)
-            assert torch.allclose(a.bound, b.bound, rtol=1e-12, atol=0), (name, k)
-            if ref.certified:  # the unique answer
-                assert rel_diff(a.edge_flow.cpu(), ref.edge_flow, scale) <= 1e-9, (name, k)
-                assert rel_diff(a.rank_loads.cpu(), ref.rank_loads, scale) <= 1e-9, (name, k)
-            else:  # (loads spanning ~27 orders of magnitude) a fallback: valid, not unique
-                flow = a.edge_flow.cpu()
-                sums = torch.zeros(g.n_movable, dtype=torch.float64).index_add_(0, g.edge_expert, flow)
-                assert bool((flow >= 0).all()) and torch.allclose(sums, g.demands(loads), rtol=1e-9, atol=1e-9)
-        # the fallback path (no certification round) gives the even split, reported
-        # (every expert loaded: a component with no demand is trivially certified)
-        ds.use_warp = True
-        loads = loads.clamp_min(1.0)
-        fb = ds.solve(loads.cuda(), max_rounds=0)
-        has_edges = (ds.arrays.comp_edge_off[1:] > ds.arrays.comp_edge_off[:-1]).cpu()
-        assert not bool(fb.status.cpu()[has_edges].any()), name
-        assert torch.allclose(fb.edge_flow.cpu(), g.even_flow(loads), rtol=1e-12, atol=1e-9), name
+            _warp_equals_block_and_reference(ds, g, loads, (name, k))
+        _fallback_is_even_split(ds, g, loads, name)
     assert seen_pair >= 10
-
-
-def _prefill_eplb_placements() -> list[tuple[str, ExpertPlacement]]:
-    """EPLB placements on the prefill profile, as benchmarks/bench_planner.py builds its
-    eplb-ep32-288, plus 320 slots at EP32 and 272 at EP16."""
-    prof = load_profile("prefill")
-    out = []
-    for name, slots, groups, nodes, gpus in [
-        ("prefill-eplb-h-ep32-288", 288, 8, 4, 32),
-        ("prefill-eplb-h-ep32-320", 320, 8, 4, 32),
-        ("prefill-eplb-h-ep16-272", 272, 8, 2, 16),
-    ]:
-        phy2log, _, _ = rebalance_experts(prof[10:11], slots, groups, nodes, gpus)
-        out.append((name, ExpertPlacement.from_phy2log(phy2log[0], gpus, prof.shape[1])))
-    return out
 
 
 def test_one_warp_exact_solver_any_placement_equals_general_kernel():
@@ -122,39 +120,19 @@ def test_one_warp_exact_solver_any_placement_equals_general_kernel():
     gen = torch.Generator().manual_seed(7)
     prof = load_profile("prefill")
     seen_any = 0
-    for name, p in eplb_placements(load_profile("decode")[5]) + _prefill_eplb_placements():
+    prefill = [("prefill-" + n, p) for n, p in eplb_placements(prof[10], SMALL_EPLB_CONFIGS[:3])]
+    for name, p in eplb_placements(load_profile("decode")[5]) + prefill:
         ds, g, _ = _solver(p)
         arr = ds.arrays
         seen_any += not arr.two_copy and max(arr.max_ranks, arr.max_experts, arr.max_edges) <= 32
         batches = [varied_loads(gen, p.n_logical, k) for k in range(6)]
         batches += [sample_batch(gen, prof[layer], 16384 * 8) for layer in (3, 30)]
         for k, loads in enumerate(batches):
-            ds.use_warp = True
-            a = ds.solve(loads.cuda())
-            ds.use_warp = False
-            b = ds.solve(loads.cuda())
-            ref = solve_exact(g, loads)
-            scale = float(loads.max())
-            assert torch.equal(a.status, b.status) and bool(a.status.all()) == ref.certified, (name, k)
+            a, b = _warp_equals_block_and_reference(ds, g, loads, (name, k))
             assert torch.equal(a.iters[:, 0], b.iters[:, 0]), (name, k)
             assert int((a.iters[:, 1] - b.iters[:, 1]).abs().max()) <= 1, (name, k)
-            assert rel_diff(a.edge_flow.cpu(), b.edge_flow.cpu(), scale) <= 1e-10, (name, k)
-            assert rel_diff(a.rank_loads.cpu(), b.rank_loads.cpu(), scale) <= 1e-10, (name, k)
-            assert torch.allclose(a.bound, b.bound, rtol=1e-12, atol=0), (name, k)
-            if ref.certified:  # the unique answer
-                assert rel_diff(a.edge_flow.cpu(), ref.edge_flow, scale) <= 1e-9, (name, k)
-                assert rel_diff(a.rank_loads.cpu(), ref.rank_loads, scale) <= 1e-9, (name, k)
-            else:  # (loads spanning ~27 orders of magnitude) a fallback: valid, not unique
-                flow = a.edge_flow.cpu()
-                sums = torch.zeros(g.n_movable, dtype=torch.float64).index_add_(0, g.edge_expert, flow)
-                assert bool((flow >= 0).all()) and torch.allclose(sums, g.demands(loads), rtol=1e-9, atol=1e-9)
-        # the fallback path (no certification round) gives the even split, reported
-        ds.use_warp = True
-        loads = loads.clamp_min(1.0)
-        fb = ds.solve(loads.cuda(), max_rounds=0)
-        has_edges = (ds.arrays.comp_edge_off[1:] > ds.arrays.comp_edge_off[:-1]).cpu()
-        assert not bool(fb.status.cpu()[has_edges].any()), name
-        assert torch.allclose(fb.edge_flow.cpu(), g.even_flow(loads), rtol=1e-12, atol=1e-9), name
+            assert rel_diff(a.rank_loads.cpu(), b.rank_loads.cpu(), float(loads.max())) <= 1e-10, (name, k)
+        _fallback_is_even_split(ds, g, loads, name)
     assert seen_any >= 5, seen_any
 
 
