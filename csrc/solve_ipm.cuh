@@ -107,6 +107,38 @@ LPLB_HD int warp_round(int n) { return (n + 31) & ~31; }
 // min(1, eta * max{a : x + a dx >= 0}) from the largest relative decrease r
 LPLB_HD double step_to_boundary(double r, double eta) { return eta / blk::nanmax(r, eta); }
 
+// One expert's part of the finalisation (ipm.finalize_flow): x = y * scale with
+// non-finite and negative entries 0, rescaled to sum to `demand`; zero demand: 0; a
+// vanished flow: the even split over the expert's slots.  y(k), mult(k): its k-th
+// edge's value and slots (k < n); put(k, x) takes the result (it may overwrite y(k):
+// y(k) is read before put(k)).  Shared by the three IPM kernels' finalisations.
+template <typename Y, typename Mult, typename Put>
+LPLB_HD void split_expert(int n, double scale, double demand, Y&& y, Mult&& mult, Put&& put) {
+  auto x = [&](int k) {
+    double xv = y(k) * scale;
+    xv = finite(xv) ? xv : 0.0;
+    return xv > 0.0 ? xv : 0.0;
+  };
+  double tot = 0.0, copies = 0.0;
+  for (int k = 0; k < n; ++k) {
+    tot += x(k);
+    copies += mult(k);
+  }
+  const bool ok = tot > 0.0;
+  const double kk = ok ? demand / tot : 0.0;
+  for (int k = 0; k < n; ++k) {
+    const double out = ok ? x(k) * kk : demand * mult(k) / copies;
+    put(k, demand > 0.0 ? out : 0.0);
+  }
+}
+
+// Sum of a per-edge array over rank r's edges (rank_edges order).
+LPLB_HD double rank_sum(const View& v, const double* x, int r) {
+  double s = 0.0;
+  for (int q = v.rank_ptr[r]; q < v.rank_ptr[r + 1]; ++q) s += x[v.rank_edges[q]];
+  return s;
+}
+
 // ---------------------------------------------------------------- scalar steps
 // The iteration's scalar logic, the same for this block solver and the one-warp
 // solvers (every thread holds the same values, so control flow stays uniform).
@@ -579,28 +611,13 @@ LPLB_HD Result solve(const blk::Team& t, const View& v, const T* loads, const Wo
   // ---- finalisation: original units, non-negative, each expert's edges sum to its
   // demand (zero demand: 0; vanished flow: the even split over its slots)
   blk::pfor(t, M, [&](int m) {
-    const int lo = v.exp_ptr[m], hi = v.exp_ptr[m + 1];
-    double tot = 0.0, copies = 0.0;
-    for (int e = lo; e < hi; ++e) {
-      double x = w.best[e] * scale;
-      x = finite(x) ? x : 0.0;
-      x = x > 0.0 ? x : 0.0;
-      w.flow[e] = x;
-      tot += x;
-      copies += v.edge_mult[e];
-    }
-    const double d = w.demand[m];
-    const bool ok = tot > 0.0;
-    const double k = ok ? d / tot : 0.0;
-    for (int e = lo; e < hi; ++e) {
-      const double out = ok ? w.flow[e] * k : d * v.edge_mult[e] / copies;
-      w.flow[e] = d > 0.0 ? out : 0.0;
-    }
+    const int lo = v.exp_ptr[m];
+    split_expert(
+        v.exp_ptr[m + 1] - lo, scale, w.demand[m], [&](int k) { return w.best[lo + k]; },
+        [&](int k) { return static_cast<double>(v.edge_mult[lo + k]); }, [&](int k, double x) { w.flow[lo + k] = x; });
   });
   res.objective = blk::reduce(t, R, blk::NanMax{}, [&](int r) {
-    double s = 0.0;
-    for (int q = v.rank_ptr[r]; q < v.rank_ptr[r + 1]; ++q) s += w.flow[v.rank_edges[q]];
-    const double load = w.fixed[r] + s;
+    const double load = w.fixed[r] + rank_sum(v, w.flow, r);
     w.load[r] = load;
     return load;
   });

@@ -302,6 +302,15 @@ __device__ __forceinline__ int factor_regularised(const double* schur, int n, co
   return bad;
 }
 
+// ipm::split_expert for expert j's two edges (values y, in registers) into e0, e1.
+template <typename Ln>
+__device__ __forceinline__ void split_pair(const Ln& L, int j, const double (&y)[2], double scale, double demand,
+                                           double& e0, double& e1) {
+  ipm::split_expert(
+      2, scale, demand, [&](int k) { return k == 0 ? y[0] : y[1]; }, [&](int k) { return k == 0 ? L.ma[j] : L.mb[j]; },
+      [&](int k, double x) { (k == 0 ? e0 : e1) = x; });
+}
+
 // The loads of the final split (in flow) into load; returns their max.
 template <typename Ln>
 __device__ __forceinline__ double final_loads(const View& v, const Ln& L, const double* flow, double* load) {
@@ -559,20 +568,7 @@ LPLB_PRAGMA(unroll)
   // ---- finalisation (ipm::solve's): original units, non-negative, each expert's
   // edges sum to its demand (zero demand: 0; vanished flow: the even split)
   pair::put_edges(L, sm.flow, [&](int j, double& e0, double& e1) {
-    double x[2];
-LPLB_PRAGMA(unroll)
-    for (int k = 0; k < 2; ++k) {
-      double xv = L.best[j][k] * scale;
-      xv = ipm::finite(xv) ? xv : 0.0;
-      x[k] = xv > 0.0 ? xv : 0.0;
-    }
-    const double tot = (0.0 + x[0]) + x[1], copies = (0.0 + L.ma[j]) + L.mb[j];
-    const double dm = L.demand[j];
-    const bool ok = tot > 0.0;
-    const double k = ok ? dm / tot : 0.0;
-    const double o0 = ok ? x[0] * k : dm * L.ma[j] / copies, o1 = ok ? x[1] * k : dm * L.mb[j] / copies;
-    e0 = dm > 0.0 ? o0 : 0.0;
-    e1 = dm > 0.0 ? o1 : 0.0;
+    split_pair(L, j, L.best[j], scale, L.demand[j], e0, e1);
   });
   res.objective = final_loads(v, L, sm.flow, sm.load);
   LPLB_TICK(P, 8);

@@ -86,7 +86,7 @@ struct Lane {
   // expert
   bool has_exp;
   int lo, hi;  // its edges
-  double demand, c, lam, ia, hm, rp_m, dlam, copies;
+  double demand, c, lam, ia, hm, rp_m, dlam;
   // edge
   bool has_edge;
   int er, em;  // its rank and expert
@@ -141,8 +141,6 @@ __device__ ipm::Result solve(const View& v, const T* loads, const Smem& sm, int 
   L.lo = L.has_exp ? v.exp_ptr[lane] : 0;
   L.hi = L.has_exp ? v.exp_ptr[lane + 1] : 0;
   L.demand = L.has_exp ? static_cast<double>(loads[v.exp_log[lane]]) : 0.0;
-  L.copies = 0.0;
-  for (int e = L.lo; e < L.hi; ++e) L.copies += v.edge_mult[e];
   L.has_edge = lane < E;
   L.er = L.has_edge ? v.edge_rank[lane] : 0;
   L.em = L.has_edge ? v.edge_exp[lane] : 0;
@@ -336,21 +334,10 @@ LPLB_PRAGMA(unroll)
   // edges sum to its demand (zero demand: 0; vanished flow: the even split)
   __syncwarp();
   if (L.has_exp) {
-    double tot = 0.0;
-    for (int e = L.lo; e < L.hi; ++e) {
-      double x = sm.flow[e] * scale;
-      x = ipm::finite(x) ? x : 0.0;
-      x = x > 0.0 ? x : 0.0;
-      sm.flow[e] = x;
-      tot += x;
-    }
-    const double dm = L.demand;
-    const bool ok = tot > 0.0;
-    const double k = ok ? dm / tot : 0.0;
-    for (int e = L.lo; e < L.hi; ++e) {
-      const double out = ok ? sm.flow[e] * k : dm * v.edge_mult[e] / L.copies;
-      sm.flow[e] = dm > 0.0 ? out : 0.0;
-    }
+    const int lo = L.lo;
+    ipm::split_expert(
+        L.hi - lo, scale, L.demand, [&](int k) { return sm.flow[lo + k]; },
+        [&](int k) { return static_cast<double>(v.edge_mult[lo + k]); }, [&](int k, double x) { sm.flow[lo + k] = x; });
   }
   res.objective = final_loads(v, L, sm.flow, sm.load);
   return res;
