@@ -393,7 +393,6 @@ LPLB_PRAGMA(unroll)
     rank_shift(L, wi, dx0, dz0);
 
     const double n_var = static_cast<double>(E + R);
-    const double stop_tol = ipm::kSafety * tol;
     double ap = 0.0, ad = 0.0, inv = 0.0;
     double a_reg[NR];  // this lane's row of the factor
     ipm::Progress pg;
@@ -466,9 +465,31 @@ LPLB_PRAGMA(unroll)
       LPLB_TICK(P, 2);
       const double rT = 1.0 - mu5[2];
       const double nu = mr[0] / (static_cast<double>(R) * R);
-      // ---- stop test; keep the best iterate
+      // ---- stop test; keep the best iterate.  The bound (ipm::bound_met): the split of
+      // the current y (scaled units) into sm.flow, free until the finalisation
+      auto bound_met = [&] {
+        pair::put_edges(L, sm.flow,
+                        [&](int j, double& e0, double& e1) { split_pair(L, j, L.y[j], 1.0, L.c[j], e0, e1); });
+        double acc[4] = {-HUGE_VAL, 0.0, 0.0, 0.0};  // U, f.w+, sum w+, sum_m c_m min w+
+        const double wp = blk::nanmax(L.w, 0.0);
+        const double ld = L.f + pair::rank_sum(v, L, sm.flow);
+        if (L.has_rank) {
+          acc[0] = ld;
+          acc[1] = L.f * wp;
+          acc[2] = wp;
+        }
+LPLB_PRAGMA(unroll)
+        for (int j = 0; j < J; ++j) {
+          double wa, wb;
+          pair::at_ranks(L, wp, j, wa, wb);
+          if (L.has[j]) acc[3] += L.c[j] * (wb < wa ? wb : wa);
+        }
+        wreduce<4, 1u>(acc);
+        return ipm::bound_verdict(acc, tol);
+      };
       bool better;
-      const bool stop = ipm::stop_test(pg, move, Tv, mu5, mr, rT, cnorm, stop_tol, res.iterations, max_iters, better);
+      const bool stop =
+          ipm::stop_test(pg, move, Tv, mu5, mr, rT, cnorm, tol, res.iterations, max_iters, better, bound_met);
       if (better)
 LPLB_PRAGMA(unroll)
         for (int j = 0; j < J; ++j) {
