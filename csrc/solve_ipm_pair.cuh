@@ -311,6 +311,49 @@ __device__ __forceinline__ void split_pair(const Ln& L, int j, const double (&y)
       [&](int k, double x) { (k == 0 ? e0 : e1) = x; });
 }
 
+// ipm::bound_met for the one-warp solvers, as a call, from shared memory and the
+// component's arrays only: y [E] the current iterate (scaled units), wp [R] each
+// rank's w+ = max(w, 0) (written by the rank lanes before the call), x [E] scratch
+// (the split), f: this lane's rank's scaled fixed load.  Same sums in the same order
+// as ipm::bound_met and as the inlined form in solve below.  Why a call: the bound
+// runs on at most a few iterations, and inlined into the kernels that already spill
+// (two experts per lane, or 32 ranks; ptxas -v) it made them spill more around every
+// pass: ipm_pair_kernel<2, 32>'s stack 312 -> 376 bytes, the torus 8x4 IPM 109 -> 119
+// us at the same 4 iterations; called, 113 us (H200).  In the kernels without spills
+// the call's register saving costs more than it saves (ring 38.0 -> 41.7 us, cube
+// EP32 45.0 -> 48.6), so those inline it on the lane's registers.  The one-warp
+// any-placement kernel calls it (EPLB EP32 43.1 -> 42.7 us).
+template <typename T>
+__device__ __noinline__ bool bound_met(const View& v, const T* loads, double scale, const double* y, const double* wp,
+                                       double* x, double f, double tol) {
+  const int lane = threadIdx.x;
+  double acc[4] = {-HUGE_VAL, 0.0, 0.0, 0.0};  // U, f.w+, sum w+, sum_m c_m min w+
+  __syncwarp();
+  for (int m = lane; m < v.M; m += 32) {
+    const int lo = v.exp_ptr[m], n = v.exp_ptr[m + 1] - lo;
+    const double c = static_cast<double>(loads[v.exp_log[m]]) / scale;
+    ipm::split_expert(
+        n, 1.0, c, [&](int k) { return y[lo + k]; }, [&](int k) { return static_cast<double>(v.edge_mult[lo + k]); },
+        [&](int k, double xv) { x[lo + k] = xv; });
+    double mn = HUGE_VAL;
+    for (int k = 0; k < n; ++k) {
+      const double w = wp[v.edge_rank[lo + k]];
+      mn = (k == 0 || w < mn) ? w : mn;
+    }
+    acc[3] += c * mn;
+  }
+  __syncwarp();
+  if (lane < v.R) {
+    const double w = wp[lane];
+    acc[0] = f + ipm::rank_sum(v, x, lane);
+    acc[1] = f * w;
+    acc[2] = w;
+  }
+  wreduce<4, 1u>(acc);
+  __syncwarp();  // y, wp and x may be rewritten next
+  return ipm::bound_verdict(acc, tol);
+}
+
 // The loads of the final split (in flow) into load; returns their max.
 template <typename Ln>
 __device__ __forceinline__ double final_loads(const View& v, const Ln& L, const double* flow, double* load) {
@@ -465,31 +508,38 @@ LPLB_PRAGMA(unroll)
       LPLB_TICK(P, 2);
       const double rT = 1.0 - mu5[2];
       const double nu = mr[0] / (static_cast<double>(R) * R);
-      // ---- stop test; keep the best iterate.  The bound (ipm::bound_met): the split of
-      // the current y (scaled units) into sm.flow, free until the finalisation
-      auto bound_met = [&] {
-        pair::put_edges(L, sm.flow,
-                        [&](int j, double& e0, double& e1) { split_pair(L, j, L.y[j], 1.0, L.c[j], e0, e1); });
-        double acc[4] = {-HUGE_VAL, 0.0, 0.0, 0.0};  // U, f.w+, sum w+, sum_m c_m min w+
-        const double wp = blk::nanmax(L.w, 0.0);
-        const double ld = L.f + pair::rank_sum(v, L, sm.flow);
-        if (L.has_rank) {
-          acc[0] = ld;
-          acc[1] = L.f * wp;
-          acc[2] = wp;
-        }
+      // ---- stop test; keep the best iterate.  The bound (ipm::bound_met): kernels
+      // without spills take it on the lane's registers (the split of the current y,
+      // scaled units, into sm.flow, free until the finalisation), the others call
+      // bound_met (see there; the current y is in sm.a0, and sm.load is free too)
+      auto bound = [&] {
+        if constexpr (J == 1 && NR <= 16) {
+          pair::put_edges(L, sm.flow,
+                          [&](int j, double& e0, double& e1) { split_pair(L, j, L.y[j], 1.0, L.c[j], e0, e1); });
+          double acc[4] = {-HUGE_VAL, 0.0, 0.0, 0.0};  // U, f.w+, sum w+, sum_m c_m min w+
+          const double wp = blk::nanmax(L.w, 0.0);
+          const double ld = L.f + pair::rank_sum(v, L, sm.flow);
+          if (L.has_rank) {
+            acc[0] = ld;
+            acc[1] = L.f * wp;
+            acc[2] = wp;
+          }
 LPLB_PRAGMA(unroll)
-        for (int j = 0; j < J; ++j) {
-          double wa, wb;
-          pair::at_ranks(L, wp, j, wa, wb);
-          if (L.has[j]) acc[3] += L.c[j] * (wb < wa ? wb : wa);
+          for (int j = 0; j < J; ++j) {
+            double wa, wb;
+            pair::at_ranks(L, wp, j, wa, wb);
+            if (L.has[j]) acc[3] += L.c[j] * (wb < wa ? wb : wa);
+          }
+          wreduce<4, 1u>(acc);
+          return ipm::bound_verdict(acc, tol);
+        } else {
+          if (L.has_rank) sm.load[lane] = blk::nanmax(L.w, 0.0);
+          return bound_met(v, loads, scale, sm.a0, sm.load, sm.flow, L.f, tol);
         }
-        wreduce<4, 1u>(acc);
-        return ipm::bound_verdict(acc, tol);
       };
       bool better;
       const bool stop =
-          ipm::stop_test(pg, move, Tv, mu5, mr, rT, cnorm, tol, res.iterations, max_iters, better, bound_met);
+          ipm::stop_test(pg, move, Tv, mu5, mr, rT, cnorm, tol, res.iterations, max_iters, better, bound);
       if (better)
 LPLB_PRAGMA(unroll)
         for (int j = 0; j < J; ++j) {

@@ -256,38 +256,15 @@ __device__ ipm::Result solve(const View& v, const T* loads, const Smem& sm, int 
       wreduce<2, 2u>(mr);
       const double rT = 1.0 - mu5[2];
       const double nu = mr[0] / (static_cast<double>(R) * R);
-      // ---- stop test; keep the best iterate.  The bound (ipm::bound_met): the split of
-      // the current y (sm.y, scaled units) into sm.t, each edge's rank's w+ in sm.dw
-      // (both free here: t was summed by rank_sums above, dw is written by the
-      // direction before it is read)
-      auto bound_met = [&] {
-        const double wp = blk::nanmax(L.w, 0.0);
-        const double wpe = __shfl_sync(kFull, wp, L.er);
-        if (L.has_edge) sm.dw[lane] = wpe;
-        __syncwarp();
-        double acc[4] = {-HUGE_VAL, 0.0, 0.0, 0.0};  // U, f.w+, sum w+, sum_m c_m min w+
-        if (L.has_exp) {
-          const int lo = L.lo;
-          ipm::split_expert(
-              L.hi - lo, 1.0, L.c, [&](int k) { return sm.y[lo + k]; },
-              [&](int k) { return static_cast<double>(v.edge_mult[lo + k]); },
-              [&](int k, double x) { sm.t[lo + k] = x; });
-          double mn = HUGE_VAL;
-          for (int e = lo; e < L.hi; ++e) mn = sm.dw[e] < mn ? sm.dw[e] : mn;
-          acc[3] = L.c * mn;
-        }
-        const double ld = L.f + pair::rank_sum(v, L, sm.t);
-        if (L.has_rank) {
-          acc[0] = ld;
-          acc[1] = L.f * wp;
-          acc[2] = wp;
-        }
-        wreduce<4, 1u>(acc);
-        return ipm::bound_verdict(acc, tol);
+      // ---- stop test; keep the best iterate.  The bound (ipm_pair::bound_met): the
+      // current y is in sm.y; sm.t (summed by rank_sums above) and sm.load are free here
+      auto bound = [&] {
+        if (L.has_rank) sm.load[lane] = blk::nanmax(L.w, 0.0);
+        return ipm_pair::bound_met(v, loads, scale, sm.y, sm.load, sm.t, L.f, tol);
       };
       bool better;
       const bool stop =
-          ipm::stop_test(pg, move, Tv, mu5, mr, rT, cnorm, tol, res.iterations, max_iters, better, bound_met);
+          ipm::stop_test(pg, move, Tv, mu5, mr, rT, cnorm, tol, res.iterations, max_iters, better, bound);
       if (better && L.has_edge) sm.flow[lane] = L.y;
       if (stop) break;
       // ---- S~ and its factor (ipm::assemble, ipm::factor); sm.d and sm.da hold d, da

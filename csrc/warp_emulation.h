@@ -89,6 +89,7 @@ inline void run_warp(const std::function<void()>& f) {
 
 #define __device__
 #define __forceinline__ inline
+#define __noinline__ __attribute__((noinline))
 #define threadIdx (::lplb::emu::thread_idx())
 inline void __syncwarp(int line = __builtin_LINE()) { ::lplb::emu::meet(0.0, 0, line); }
 inline double __shfl_sync(unsigned, double v, int src, int line = __builtin_LINE()) {
