@@ -378,14 +378,17 @@ class IPMConfig(_ConfigSection):
 
     Attributes:
         max_iters: iteration cap per solve, in ``[1, 1000]``.
-        tol: relative duality gap at which the IPM stops, in ``(0, 1e-2]``.
+        tol: relative accuracy of the IPM's returned objective, in ``(0, 1e-2]``: it
+            stops at merit ``<= 0.1 tol`` or on a proof that its split is within ``tol``.
     """
 
     _PATH: ClassVar[str] = "lplb.ipm"
 
     max_iters: int = _opt(100, _Int(1, 1000), "Iteration cap of one IPM solve.")
     tol: float = _opt(
-        1e-6, _Float(0.0, 1e-2, lo_open=True), "Relative duality gap at which the IPM stops."
+        1e-6,
+        _Float(0.0, 1e-2, lo_open=True),
+        "Relative accuracy at which the IPM stops (merit <= 0.1 tol, or its split proven within tol).",
     )
 
 
