@@ -216,10 +216,17 @@ __global__ void slots_kernel(int n_logical, int n_cols, const T* loads, const in
   }
 }
 
+// Lets kernel take smem bytes of dynamic shared memory (above the default 48 KiB).  A
+// refusal is returned and also cleared from the runtime's last error, which the
+// runtime sets as well: left there, the next solve's launch check (cudaGetLastError)
+// would report it against a launch that succeeded.
 template <typename Kernel>
 cudaError_t allow_smem(Kernel kernel, size_t smem) {
   if (smem <= 48 * 1024) return cudaSuccess;
-  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+  const cudaError_t err =
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+  if (err != cudaSuccess) (void)cudaGetLastError();
+  return err;
 }
 
 template <typename T>
