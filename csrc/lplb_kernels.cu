@@ -60,6 +60,9 @@ __global__ void scan_kernel(int64_t n_logical, int64_t n_chunks, int32_t* prefix
                             const int32_t* chunk_invalid, int32_t* invalid, int64_t* total_invalid) {
   const int64_t e = (blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x) >> 5;
   const int lane = threadIdx.x & 31;
+  // the next kernel may start: the solve kernels (launch_pdl) stage static arrays and
+  // then wait for this one's end; the map kernel waits at once
+  pdl_trigger();
   pdl_wait();  // launched with launch_pdl right after histogram_kernel
   if (e > n_logical) return;  // whole warps leave together (e is per warp)
   if (e == n_logical) {

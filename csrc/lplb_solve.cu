@@ -5,6 +5,8 @@
 // per-slot split and the cumulative copy shares the map kernel reads.  No host sync.
 #include <cuda_runtime.h>
 
+#include <utility>
+
 #include "lplb_solve.h"
 #include "pdl.cuh"
 #include "solve_exact.cuh"
@@ -33,11 +35,12 @@ __global__ void __launch_bounds__(kSolveThreads) exact_kernel(CompArrays a, cons
                                                                int max_rounds, SolveOut out, double* schur_global,
                                                                int schur_stride, size_t work_bytes) {
   extern __shared__ double smem[];
-  pdl_trigger();  // the slots kernel may start (it waits for this one's end)
   const int c = blockIdx.x;
   blk::Team team{smem};
   const View g = View::of(a, c);
   const View v = g.stage(team, reinterpret_cast<int*>(reinterpret_cast<char*>(smem + kRedDoubles) + work_bytes));
+  pdl_wait();     // launched with launch_pdl: loads and outputs only from here on
+  pdl_trigger();  // the slots kernel may start (it reads the loads before its wait)
   exact::Work w;
   exact::Work::layout(&w, reinterpret_cast<char*>(smem + kRedDoubles), v.R, v.M, v.E, kInside);
   if (!kInside) w.schur = schur_global + static_cast<size_t>(c) * schur_stride;
@@ -52,11 +55,12 @@ template <int J, typename T>
 __global__ void __launch_bounds__(32, 1) pair_kernel(CompArrays a, const T* loads, double lipschitz, int max_rounds,
                                                   SolveOut out, size_t work_bytes) {
   extern __shared__ double smem[];
-  pdl_trigger();  // the slots kernel may start (it waits for this one's end)
   const int c = blockIdx.x;
   blk::Team team{smem};
   const View g = View::of(a, c);
   const View v = g.stage(team, reinterpret_cast<int*>(reinterpret_cast<char*>(smem + kRedDoubles) + work_bytes));
+  pdl_wait();     // launched with launch_pdl: loads and outputs only from here on
+  pdl_trigger();  // the slots kernel may start (it reads the loads before its wait)
   exact::Work w;
   exact::Work::layout(&w, reinterpret_cast<char*>(smem + kRedDoubles), v.R, v.M, v.E, true);
 #if defined(__CUDA_ARCH__)  // (pair::solve is device code only)
@@ -72,11 +76,12 @@ template <typename T>
 __global__ void __launch_bounds__(32, 1) exact_warp_kernel(CompArrays a, const T* loads, double lipschitz,
                                                         int max_rounds, SolveOut out, size_t work_bytes) {
   extern __shared__ double smem[];
-  pdl_trigger();  // the slots kernel may start (it waits for this one's end)
   const int c = blockIdx.x;
   blk::Team team{smem};
   const View g = View::of(a, c);
   const View v = g.stage(team, reinterpret_cast<int*>(reinterpret_cast<char*>(smem + kRedDoubles) + work_bytes));
+  pdl_wait();     // launched with launch_pdl: loads and outputs only from here on
+  pdl_trigger();  // the slots kernel may start (it reads the loads before its wait)
   exact_warp::Smem sm;
   exact_warp::Smem::layout(&sm, reinterpret_cast<char*>(smem + kRedDoubles), v.R, v.M, v.E);
 #if defined(__CUDA_ARCH__)  // (exact_warp::solve is device code only)
@@ -91,9 +96,10 @@ template <typename T, bool kInside>
 __global__ void __launch_bounds__(kIpmThreads, 1) ipm_kernel(CompArrays a, const T* loads, int max_iters, double tol,
                                                              SolveOut out, double* schur_global, int schur_stride) {
   extern __shared__ double smem[];
-  pdl_trigger();  // the slots kernel may start (it waits for this one's end)
   const int c = blockIdx.x;
   const View v = View::of(a, c);
+  pdl_wait();     // launched with launch_pdl: loads and outputs only from here on
+  pdl_trigger();  // the slots kernel may start (it reads the loads before its wait)
   blk::Team team{smem};
   ipm::Work w;
   ipm::Work::layout(&w, reinterpret_cast<char*>(smem + kRedDoubles), v.R, v.M, v.E, kInside);
@@ -108,10 +114,11 @@ template <int J, int NR, typename T>
 __global__ void __launch_bounds__(32, 1) ipm_pair_kernel(CompArrays a, const T* loads, int max_iters, double tol,
                                                       SolveOut out) {
   extern __shared__ double smem[];
-  pdl_trigger();  // the slots kernel may start (it waits for this one's end)
   const int c = blockIdx.x;
   blk::Team team{smem};
   const View v = View::of(a, c);
+  pdl_wait();     // launched with launch_pdl: loads and outputs only from here on
+  pdl_trigger();  // the slots kernel may start (it reads the loads before its wait)
   ipm_pair::Smem sm;
   ipm_pair::Smem::layout(&sm, reinterpret_cast<char*>(smem + kRedDoubles), v.R, v.E);
 #if defined(__CUDA_ARCH__)  // (ipm_pair::solve is device code only)
@@ -127,11 +134,12 @@ template <int NR, typename T>
 __global__ void __launch_bounds__(32, 1) ipm_warp_kernel(CompArrays a, const T* loads, int max_iters, double tol,
                                                       SolveOut out, size_t work_bytes) {
   extern __shared__ double smem[];
-  pdl_trigger();  // the slots kernel may start (it waits for this one's end)
   const int c = blockIdx.x;
   blk::Team team{smem};
   const View g = View::of(a, c);
   const View v = g.stage(team, reinterpret_cast<int*>(reinterpret_cast<char*>(smem + kRedDoubles) + work_bytes));
+  pdl_wait();     // launched with launch_pdl: loads and outputs only from here on
+  pdl_trigger();  // the slots kernel may start (it reads the loads before its wait)
   ipm_warp::Smem sm;
   ipm_warp::Smem::layout(&sm, reinterpret_cast<char*>(smem + kRedDoubles), v.R, v.E);
 #if defined(__CUDA_ARCH__)  // (ipm_warp::solve is device code only)
@@ -157,8 +165,8 @@ size_t work_bytes(int method, const SolveSizes& sz, bool schur_inside) {
 
 // x[p] and cum[e, :] (the bit-exact definition of lplb_plugin.redirect.copy_fractions).
 // Launched right after the solve kernel with launch_pdl: the static arrays and the
-// loads (written before the solve kernel started) are read while it runs, the edge
-// flow and the status after pdl_wait().  Each copy's slot, edge and flow are a chain
+// loads are read while it runs (the solve kernel lets this one in only after its own
+// pdl_wait, when the loads are final), the edge flow and the status after pdl_wait().  Each copy's slot, edge and flow are a chain
 // of three dependent loads; the chains of an expert's copies are independent, so they
 // are issued together (kCols at a time), then the arithmetic runs in copy order as
 // the reference's.
@@ -229,6 +237,20 @@ cudaError_t allow_smem(Kernel kernel, size_t smem) {
   return err;
 }
 
+// allow_smem, then kernel<<<n_comp, threads, bytes, stream>>>(args...) as a
+// programmatic dependent launch: the solve kernel may start while the kernel before
+// it (the counts' scan in Planner.run) still runs, staging its static index arrays
+// meanwhile; it reads the loads only after pdl_wait().  A launch error is also
+// cleared from the runtime's last error (see allow_smem).
+template <typename... Params, typename... Args>
+cudaError_t launch_solve(void (*kernel)(Params...), int n_comp, int threads, size_t bytes, cudaStream_t stream,
+                         Args&&... args) {
+  if (cudaError_t err = allow_smem(kernel, bytes); err != cudaSuccess) return err;
+  const cudaError_t err = launch_pdl(kernel, n_comp, threads, bytes, stream, std::forward<Args>(args)...);
+  const cudaError_t last = cudaGetLastError();
+  return err != cudaSuccess ? err : last;
+}
+
 template <typename T>
 cudaError_t launch(const CompArrays& a, const SolveSizes& sz, const T* loads, int method, double lipschitz,
                    int max_rounds, const SolveOut& out, double* schur_global, int ipm_max_iters, double ipm_tol,
@@ -254,34 +276,30 @@ cudaError_t launch(const CompArrays& a, const SolveSizes& sz, const T* loads, in
     auto kernel = sz.max_ranks <= 8    ? (j1 ? ipm_pair_kernel<1, 8, T> : ipm_pair_kernel<2, 8, T>)
                   : sz.max_ranks <= 16 ? (j1 ? ipm_pair_kernel<1, 16, T> : ipm_pair_kernel<2, 16, T>)
                                        : (j1 ? ipm_pair_kernel<1, 32, T> : ipm_pair_kernel<2, 32, T>);
-    if (cudaError_t err = allow_smem(kernel, bytes); err != cudaSuccess) return err;
-    kernel<<<a.n_comp, 32, bytes, stream>>>(a, loads, ipm_max_iters, ipm_tol, out);
+    return launch_solve(kernel, a.n_comp, 32, bytes, stream, a, loads, ipm_max_iters, ipm_tol, out);
   } else if (method == 1 && small_any) {
     const size_t work = ipm_warp::Smem::layout(nullptr, nullptr, sz.max_ranks, sz.max_edges);
     const size_t bytes = head + work + staged;
     auto kernel = sz.max_ranks <= 8    ? ipm_warp_kernel<8, T>
                   : sz.max_ranks <= 16 ? ipm_warp_kernel<16, T>
                                        : ipm_warp_kernel<32, T>;
-    if (cudaError_t err = allow_smem(kernel, bytes); err != cudaSuccess) return err;
-    kernel<<<a.n_comp, 32, bytes, stream>>>(a, loads, ipm_max_iters, ipm_tol, out, work);
+    return launch_solve(kernel, a.n_comp, 32, bytes, stream, a, loads, ipm_max_iters, ipm_tol, out, work);
   } else if (method == 1) {
     auto kernel = inside ? ipm_kernel<T, true> : ipm_kernel<T, false>;
-    if (cudaError_t err = allow_smem(kernel, smem); err != cudaSuccess) return err;
-    kernel<<<a.n_comp, kIpmThreads, smem, stream>>>(a, loads, ipm_max_iters, ipm_tol, out, schur, stride);
+    return launch_solve(kernel, a.n_comp, kIpmThreads, smem, stream,
+                        a, loads, ipm_max_iters, ipm_tol, out, schur, stride);
   } else {
     // the exact kernels' shared memory: scratch, then the staged index arrays
     const size_t work = work_bytes(0, sz, inside);
     const size_t bytes = head + work + staged;
     if (small_pairs) {
       auto kernel = sz.max_experts <= 32 ? pair_kernel<1, T> : pair_kernel<2, T>;
-      if (cudaError_t err = allow_smem(kernel, bytes); err != cudaSuccess) return err;
-      kernel<<<a.n_comp, 32, bytes, stream>>>(a, loads, lipschitz, max_rounds, out, work);
+      return launch_solve(kernel, a.n_comp, 32, bytes, stream, a, loads, lipschitz, max_rounds, out, work);
     } else if (small_any_exact) {  // (two-copy placements keep pair_kernel above)
       const size_t warp_work = exact_warp::Smem::layout(nullptr, nullptr, sz.max_ranks, sz.max_experts, sz.max_edges);
       const size_t warp_bytes = head + warp_work + staged;
       auto kernel = exact_warp_kernel<T>;
-      if (cudaError_t err = allow_smem(kernel, warp_bytes); err != cudaSuccess) return err;
-      kernel<<<a.n_comp, 32, warp_bytes, stream>>>(a, loads, lipschitz, max_rounds, out, warp_work);
+      return launch_solve(kernel, a.n_comp, 32, warp_bytes, stream, a, loads, lipschitz, max_rounds, out, warp_work);
     } else {
       // one warp per 32 of the largest component's edges / experts + ranks (at least
       // one, at most 8): small components get cheap barriers, large ones enough lanes
@@ -289,11 +307,10 @@ cudaError_t launch(const CompArrays& a, const SolveSizes& sz, const T* loads, in
       int threads = ((width + 31) / 32) * 32;
       threads = threads < 32 ? 32 : (threads > kSolveThreads ? kSolveThreads : threads);
       auto kernel = inside ? exact_kernel<T, true> : exact_kernel<T, false>;
-      if (cudaError_t err = allow_smem(kernel, bytes); err != cudaSuccess) return err;
-      kernel<<<a.n_comp, threads, bytes, stream>>>(a, loads, lipschitz, max_rounds, out, schur, stride, work);
+      return launch_solve(kernel, a.n_comp, threads, bytes, stream,
+                          a, loads, lipschitz, max_rounds, out, schur, stride, work);
     }
   }
-  return cudaGetLastError();
 }
 
 }  // namespace
