@@ -1,5 +1,10 @@
 """CUDA count and map kernels against the torch reference (skipped without CUDA)."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -16,6 +21,29 @@ def _ext():
     ext = kernels.get()
     assert ext is not None, "CUDA is available but the kernels did not build"
     return ext
+
+
+def test_extension_check_raises_not_crashes():
+    """A TORCH_CHECK failing inside the extension reaches Python as a RuntimeError with
+    its message.  In a child process: an exception that does not cross the extension's
+    boundary would end the process, and should fail this test, not the whole session.
+    (Suspected on the device image in the sixth session of 2026-11-28: a check failing
+    inside solve() ended Python with a segmentation fault.)"""
+    _ext()  # build (or load) the extension here, so that the child finds it cached
+    code = (
+        "import torch\n"
+        "from lplb_plugin import kernels\n"
+        "idx = torch.zeros(16, dtype=torch.float32, device='cuda')\n"
+        "try:\n"
+        "    kernels.get().count(idx, 256, 4)\n"
+        "except RuntimeError as e:\n"
+        "    print('raised:', e)\n"
+    )
+    repo = str(Path(__file__).resolve().parents[2])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")]))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, (r.returncode, r.stderr[-3000:])
+    assert "idx must be int32 or int64" in r.stdout, (r.stdout, r.stderr[-3000:])
 
 
 def random_case(gen, n_tokens, topk, n_logical, n_ranks, per_rank, dtype, drop=0.05, hot=None):
