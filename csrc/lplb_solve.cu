@@ -166,10 +166,10 @@ size_t work_bytes(int method, const SolveSizes& sz, bool schur_inside) {
 // x[p] and cum[e, :] (the bit-exact definition of lplb_plugin.redirect.copy_fractions).
 // Launched right after the solve kernel with launch_pdl: the static arrays and the
 // loads are read while it runs (the solve kernel lets this one in only after its own
-// pdl_wait, when the loads are final), the edge flow and the status after pdl_wait().  Each copy's slot, edge and flow are a chain
-// of three dependent loads; the chains of an expert's copies are independent, so they
-// are issued together (kCols at a time), then the arithmetic runs in copy order as
-// the reference's.
+// pdl_wait, when the loads are final), the edge flow and the status after pdl_wait().
+// Each copy's slot, edge and flow are a chain of three dependent loads; the chains of
+// an expert's copies are independent, so they are issued together (kCols at a time),
+// then the arithmetic runs in copy order as the reference's.
 constexpr int kCols = 4;
 template <typename T>
 __global__ void slots_kernel(int n_logical, int n_cols, const T* loads, const int64_t* log2phy, const int64_t* logcnt,
