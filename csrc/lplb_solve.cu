@@ -27,6 +27,24 @@ constexpr int kIpmThreads = 128;
 constexpr int kRedDoubles = 80;  // reduction scratch: 2 x 32 warps + block_ops scalars (64..67)
 constexpr size_t kSmemLimit = 200 * 1024;
 
+// A block's scratch: shared memory after the reduction head.
+__device__ __forceinline__ char* scratch(double* smem) { return reinterpret_cast<char*>(smem + kRedDoubles); }
+
+// The start of every solve kernel: this block's component, with its index arrays copied
+// into shared memory work_bytes into the scratch when stage (the kernels that walk them
+// in every phase).  Then it waits for the kernel before it (launch_solve launches with
+// PDL, so that this prologue's static reads overlap that kernel: the loads and the
+// outputs only from here on), and lets the slots kernel in (it reads the loads before
+// its own wait, so not earlier).
+__device__ __forceinline__ View begin_solve(const blk::Team& team, const CompArrays& a, double* smem, bool stage,
+                                            size_t work_bytes) {
+  const View g = View::of(a, static_cast<int>(blockIdx.x));
+  const View v = stage ? g.stage(team, reinterpret_cast<int*>(scratch(smem) + work_bytes)) : g;
+  pdl_wait();
+  pdl_trigger();
+  return v;
+}
+
 // kInside: the Newton matrix lives in shared memory (compile-time, so that the accesses
 // compile to shared-memory instructions).  The component's index arrays are staged in
 // shared memory after the scratch.
@@ -37,12 +55,9 @@ __global__ void __launch_bounds__(kSolveThreads) exact_kernel(CompArrays a, cons
   extern __shared__ double smem[];
   const int c = blockIdx.x;
   blk::Team team{smem};
-  const View g = View::of(a, c);
-  const View v = g.stage(team, reinterpret_cast<int*>(reinterpret_cast<char*>(smem + kRedDoubles) + work_bytes));
-  pdl_wait();     // launched with launch_pdl: loads and outputs only from here on
-  pdl_trigger();  // the slots kernel may start (it reads the loads before its wait)
+  const View v = begin_solve(team, a, smem, true, work_bytes);
   exact::Work w;
-  exact::Work::layout(&w, reinterpret_cast<char*>(smem + kRedDoubles), v.R, v.M, v.E, kInside);
+  exact::Work::layout(&w, scratch(smem), v.R, v.M, v.E, kInside);
   if (!kInside) w.schur = schur_global + static_cast<size_t>(c) * schur_stride;
   const exact::Result r = exact::solve(team, v, loads, w, lipschitz, max_rounds);
   write_out(team, v, c, w.flow, w.load, r.certified, r.bound, r.rounds, r.newton_iters, out);
@@ -57,12 +72,9 @@ __global__ void __launch_bounds__(32, 1) pair_kernel(CompArrays a, const T* load
   extern __shared__ double smem[];
   const int c = blockIdx.x;
   blk::Team team{smem};
-  const View g = View::of(a, c);
-  const View v = g.stage(team, reinterpret_cast<int*>(reinterpret_cast<char*>(smem + kRedDoubles) + work_bytes));
-  pdl_wait();     // launched with launch_pdl: loads and outputs only from here on
-  pdl_trigger();  // the slots kernel may start (it reads the loads before its wait)
+  const View v = begin_solve(team, a, smem, true, work_bytes);
   exact::Work w;
-  exact::Work::layout(&w, reinterpret_cast<char*>(smem + kRedDoubles), v.R, v.M, v.E, true);
+  exact::Work::layout(&w, scratch(smem), v.R, v.M, v.E, true);
 #if defined(__CUDA_ARCH__)  // (pair::solve is device code only)
   const exact::Result r = pair::solve<J>(v, loads, w, lipschitz, max_rounds);
   write_out(team, v, c, w.flow, w.load, r.certified, r.bound, r.rounds, r.newton_iters, out);
@@ -78,12 +90,9 @@ __global__ void __launch_bounds__(32, 1) exact_warp_kernel(CompArrays a, const T
   extern __shared__ double smem[];
   const int c = blockIdx.x;
   blk::Team team{smem};
-  const View g = View::of(a, c);
-  const View v = g.stage(team, reinterpret_cast<int*>(reinterpret_cast<char*>(smem + kRedDoubles) + work_bytes));
-  pdl_wait();     // launched with launch_pdl: loads and outputs only from here on
-  pdl_trigger();  // the slots kernel may start (it reads the loads before its wait)
+  const View v = begin_solve(team, a, smem, true, work_bytes);
   exact_warp::Smem sm;
-  exact_warp::Smem::layout(&sm, reinterpret_cast<char*>(smem + kRedDoubles), v.R, v.M, v.E);
+  exact_warp::Smem::layout(&sm, scratch(smem), v.R, v.M, v.E);
 #if defined(__CUDA_ARCH__)  // (exact_warp::solve is device code only)
   const exact::Result r = exact_warp::solve(v, loads, sm, lipschitz, max_rounds);
   write_out(team, v, c, sm.flow, sm.load, r.certified, r.bound, r.rounds, r.newton_iters, out);
@@ -97,12 +106,10 @@ __global__ void __launch_bounds__(kIpmThreads, 1) ipm_kernel(CompArrays a, const
                                                              SolveOut out, double* schur_global, int schur_stride) {
   extern __shared__ double smem[];
   const int c = blockIdx.x;
-  const View v = View::of(a, c);
-  pdl_wait();     // launched with launch_pdl: loads and outputs only from here on
-  pdl_trigger();  // the slots kernel may start (it reads the loads before its wait)
   blk::Team team{smem};
+  const View v = begin_solve(team, a, smem, false, 0);
   ipm::Work w;
-  ipm::Work::layout(&w, reinterpret_cast<char*>(smem + kRedDoubles), v.R, v.M, v.E, kInside);
+  ipm::Work::layout(&w, scratch(smem), v.R, v.M, v.E, kInside);
   if (!kInside) w.schur = schur_global + static_cast<size_t>(c) * schur_stride;
   const ipm::Result r = ipm::solve(team, v, loads, w, max_iters, tol);
   write_out(team, v, c, w.flow, w.load, r.converged, r.objective, r.iterations, 0, out);
@@ -116,11 +123,9 @@ __global__ void __launch_bounds__(32, 1) ipm_pair_kernel(CompArrays a, const T* 
   extern __shared__ double smem[];
   const int c = blockIdx.x;
   blk::Team team{smem};
-  const View v = View::of(a, c);
-  pdl_wait();     // launched with launch_pdl: loads and outputs only from here on
-  pdl_trigger();  // the slots kernel may start (it reads the loads before its wait)
+  const View v = begin_solve(team, a, smem, false, 0);
   ipm_pair::Smem sm;
-  ipm_pair::Smem::layout(&sm, reinterpret_cast<char*>(smem + kRedDoubles), v.R, v.E);
+  ipm_pair::Smem::layout(&sm, scratch(smem), v.R, v.E);
 #if defined(__CUDA_ARCH__)  // (ipm_pair::solve is device code only)
   const ipm::Result r = ipm_pair::solve<J, NR>(v, loads, sm, max_iters, tol);
   write_out(team, v, c, sm.flow, sm.load, r.converged, r.objective, r.iterations, 0, out);
@@ -136,12 +141,9 @@ __global__ void __launch_bounds__(32, 1) ipm_warp_kernel(CompArrays a, const T* 
   extern __shared__ double smem[];
   const int c = blockIdx.x;
   blk::Team team{smem};
-  const View g = View::of(a, c);
-  const View v = g.stage(team, reinterpret_cast<int*>(reinterpret_cast<char*>(smem + kRedDoubles) + work_bytes));
-  pdl_wait();     // launched with launch_pdl: loads and outputs only from here on
-  pdl_trigger();  // the slots kernel may start (it reads the loads before its wait)
+  const View v = begin_solve(team, a, smem, true, work_bytes);
   ipm_warp::Smem sm;
-  ipm_warp::Smem::layout(&sm, reinterpret_cast<char*>(smem + kRedDoubles), v.R, v.E);
+  ipm_warp::Smem::layout(&sm, scratch(smem), v.R, v.E);
 #if defined(__CUDA_ARCH__)  // (ipm_warp::solve is device code only)
   const ipm::Result r = ipm_warp::solve<NR>(v, loads, sm, max_iters, tol);
   write_out(team, v, c, sm.flow, sm.load, r.converged, r.objective, r.iterations, 0, out);
