@@ -29,6 +29,23 @@
 namespace lplb {
 namespace blk {
 
+// Carves a block's arrays out of one buffer, in call order; with base == nullptr it
+// only sizes them (the pointers are left null).  Int arrays are rounded up to 8 bytes,
+// so that the doubles after them stay aligned.  Every solver's Work / Smem::layout
+// takes its arrays this way.
+struct Carve {
+  char* base;
+  size_t off = 0;
+  LPLB_HD void dbl(double*& p, size_t n) {
+    p = base ? reinterpret_cast<double*>(base + off) : nullptr;
+    off += n * sizeof(double);
+  }
+  LPLB_HD void itg(int*& p, size_t n) {
+    p = base ? reinterpret_cast<int*>(base + off) : nullptr;
+    off += ((n * sizeof(int) + 7) / 8) * 8;
+  }
+};
+
 // Scratch for reductions: one double per warp (device); unused on the host.
 struct Team {
   double* red;

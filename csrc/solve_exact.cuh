@@ -69,27 +69,19 @@ struct Work {
   LPLB_HD static size_t layout(Work* w, char* base, int R, int M, int E, bool schur_inside) {
     Work sizing;
     Work& o = w ? *w : sizing;
-    size_t off = 0;
-    auto dbl = [&](double*& p, size_t n) {
-      p = base ? reinterpret_cast<double*>(base + off) : nullptr;
-      off += n * sizeof(double);
-    };
-    auto itg = [&](int*& p, size_t n) {
-      p = base ? reinterpret_cast<int*>(base + off) : nullptr;
-      off += ((n * sizeof(int) + 7) / 8) * 8;
-    };
-    for (double** p : {&o.fixed, &o.load, &o.cap, &o.beta, &o.g_b, &o.d_b, &o.d_beta, &o.gain, &o.cb}) dbl(*p, R);
-    for (double** p : {&o.demand, &o.alpha, &o.g_a, &o.d_a, &o.d_alpha}) dbl(*p, M);
-    for (double** p : {&o.x0, &o.y, &o.z, &o.best, &o.flow, &o.wt, &o.pm}) dbl(*p, E);
+    blk::Carve buf{base};
+    for (double** p : {&o.fixed, &o.load, &o.cap, &o.beta, &o.g_b, &o.d_b, &o.d_beta, &o.gain, &o.cb}) buf.dbl(*p, R);
+    for (double** p : {&o.demand, &o.alpha, &o.g_a, &o.d_a, &o.d_alpha}) buf.dbl(*p, M);
+    for (double** p : {&o.x0, &o.y, &o.z, &o.best, &o.flow, &o.wt, &o.pm}) buf.dbl(*p, E);
     o.schur = nullptr;
     o.tri = nullptr;
     if (schur_inside) {
-      dbl(o.schur, static_cast<size_t>(R) * (R + 1));
-      itg(o.tri, static_cast<size_t>(R) * (R + 1) / 2);
+      buf.dbl(o.schur, static_cast<size_t>(R) * (R + 1));
+      buf.itg(o.tri, static_cast<size_t>(R) * (R + 1) / 2);
     }
-    for (int** p : {&o.pos, &o.active, &o.sticky, &o.was_released, &o.cpos, &o.cown, &o.pinned}) itg(*p, R);
-    itg(o.inside_at, M);
-    return off;
+    for (int** p : {&o.pos, &o.active, &o.sticky, &o.was_released, &o.cpos, &o.cown, &o.pinned}) buf.itg(*p, R);
+    buf.itg(o.inside_at, M);
+    return buf.off;
   }
 };
 

@@ -65,22 +65,14 @@ struct Smem {
   LPLB_HD static size_t layout(Smem* s, char* base, int R, int M, int E) {
     Smem sizing;
     Smem& o = s ? *s : sizing;
-    size_t off = 0;
-    auto dbl = [&](double*& p, size_t n) {
-      p = base ? reinterpret_cast<double*>(base + off) : nullptr;
-      off += n * sizeof(double);
-    };
-    auto itg = [&](int*& p, size_t n) {
-      p = base ? reinterpret_cast<int*>(base + off) : nullptr;
-      off += ((n * sizeof(int) + 7) / 8) * 8;
-    };
-    for (double** p : {&o.e0, &o.e1, &o.e2, &o.flow}) dbl(*p, E);
-    for (double** p : {&o.g_a, &o.inv_dal}) dbl(*p, M);
-    for (double** p : {&o.gain, &o.load}) dbl(*p, R);
-    dbl(o.schur, static_cast<size_t>(R) * (R + 1));
-    itg(o.ecpos, E);
-    itg(o.owner, R);
-    return off;
+    blk::Carve buf{base};
+    for (double** p : {&o.e0, &o.e1, &o.e2, &o.flow}) buf.dbl(*p, E);
+    for (double** p : {&o.g_a, &o.inv_dal}) buf.dbl(*p, M);
+    for (double** p : {&o.gain, &o.load}) buf.dbl(*p, R);
+    buf.dbl(o.schur, static_cast<size_t>(R) * (R + 1));
+    buf.itg(o.ecpos, E);
+    buf.itg(o.owner, R);
+    return buf.off;
   }
 };
 

@@ -64,29 +64,23 @@ struct Work {
   // Carve the arrays out of one buffer; returns bytes used.  Call with base == nullptr
   // to size it.
   LPLB_HD static size_t layout(Work* w, char* base, int R, int M, int E, bool schur_inside) {
-    size_t off = 0;
-    double* dummy = nullptr;
-    auto at = [&](double* Work::*f) { return w ? &(w->*f) : &dummy; };
-    auto dbl = [&](double** p, size_t n) {
-      if (w) *p = reinterpret_cast<double*>(base + off);
-      off += n * sizeof(double);
-    };
-    double* Work::*DE[] = {&Work::y,  &Work::z,  &Work::iy, &Work::iz, &Work::d,   &Work::da,   &Work::t,
-                           &Work::rd, &Work::gx, &Work::dx, &Work::dz, &Work::aff, &Work::best, &Work::flow};
-    for (auto f : DE) dbl(at(f), E);
-    double* Work::*DR[] = {&Work::fixed, &Work::f,   &Work::s,    &Work::zs,   &Work::is,   &Work::izs, &Work::ds,
-                           &Work::rds,   &Work::gxs, &Work::w,    &Work::dw,   &Work::dxs,  &Work::dzs, &Work::affs,
-                           &Work::diag,  &Work::rp_r, &Work::u1,  &Work::u2,   &Work::load};
-    for (auto f : DR) dbl(at(f), R);
-    double* Work::*DM[] = {&Work::demand, &Work::c, &Work::lam, &Work::ia, &Work::hm, &Work::rp_m, &Work::dlam};
-    for (auto f : DM) dbl(at(f), M);
-    if (w) w->tri = nullptr;
+    Work sizing;
+    Work& o = w ? *w : sizing;
+    blk::Carve buf{w ? base : nullptr};
+    for (double** p : {&o.y, &o.z, &o.iy, &o.iz, &o.d, &o.da, &o.t, &o.rd, &o.gx, &o.dx, &o.dz, &o.aff, &o.best,
+                       &o.flow})
+      buf.dbl(*p, E);
+    for (double** p : {&o.fixed, &o.f, &o.s, &o.zs, &o.is, &o.izs, &o.ds, &o.rds, &o.gxs, &o.w, &o.dw, &o.dxs,
+                       &o.dzs, &o.affs, &o.diag, &o.rp_r, &o.u1, &o.u2, &o.load})
+      buf.dbl(*p, R);
+    for (double** p : {&o.demand, &o.c, &o.lam, &o.ia, &o.hm, &o.rp_m, &o.dlam}) buf.dbl(*p, M);
+    o.schur = nullptr;
+    o.tri = nullptr;
     if (schur_inside) {
-      dbl(at(&Work::schur), static_cast<size_t>(R) * R);
-      if (w) w->tri = reinterpret_cast<int*>(base + off);
-      off += ((static_cast<size_t>(R) * (R + 1) / 2 * sizeof(int) + 7) / 8) * 8;
+      buf.dbl(o.schur, static_cast<size_t>(R) * R);
+      buf.itg(o.tri, static_cast<size_t>(R) * (R + 1) / 2);
     }
-    return off;
+    return buf.off;
   }
 };
 

@@ -46,21 +46,14 @@ struct Smem {
 
   // Carve the arrays out of base; returns bytes used (base == nullptr: size only).
   LPLB_HD static size_t layout(Smem* s, char* base, int R, int E) {
-    size_t off = 0;
-    auto dbl = [&](double** p, size_t n) {
-      if (s) *p = reinterpret_cast<double*>(base + off);
-      off += n * sizeof(double);
-    };
-    double* dummy;
-    dbl(s ? &s->a0 : &dummy, E);
-    dbl(s ? &s->a1 : &dummy, E);
-    dbl(s ? &s->a2 : &dummy, E);
-    dbl(s ? &s->a3 : &dummy, E);
-    dbl(s ? &s->a4 : &dummy, E);
-    dbl(s ? &s->schur : &dummy, static_cast<size_t>(R) * (R + 1));
-    dbl(s ? &s->flow : &dummy, E);
-    dbl(s ? &s->load : &dummy, R);
-    return off;
+    Smem sizing;
+    Smem& o = s ? *s : sizing;
+    blk::Carve buf{s ? base : nullptr};
+    for (double** p : {&o.a0, &o.a1, &o.a2, &o.a3, &o.a4}) buf.dbl(*p, E);
+    buf.dbl(o.schur, static_cast<size_t>(R) * (R + 1));
+    buf.dbl(o.flow, E);
+    buf.dbl(o.load, R);
+    return buf.off;
   }
 };
 

@@ -36,23 +36,14 @@ struct Smem {
 
   // Carve the arrays out of base; returns bytes used (base == nullptr: size only).
   LPLB_HD static size_t layout(Smem* s, char* base, int R, int E) {
-    size_t off = 0;
-    double* dummy;
-    auto dbl = [&](double** p, size_t n) {
-      if (s) *p = reinterpret_cast<double*>(base + off);
-      off += n * sizeof(double);
-    };
-    dbl(s ? &s->y : &dummy, E);
-    dbl(s ? &s->d : &dummy, E);
-    dbl(s ? &s->gx : &dummy, E);
-    dbl(s ? &s->t : &dummy, E);
-    dbl(s ? &s->da : &dummy, E);
-    dbl(s ? &s->h : &dummy, E);
-    dbl(s ? &s->dw : &dummy, E);
-    dbl(s ? &s->schur : &dummy, static_cast<size_t>(R) * (R + 1));
-    dbl(s ? &s->flow : &dummy, E);
-    dbl(s ? &s->load : &dummy, R);
-    return off;
+    Smem sizing;
+    Smem& o = s ? *s : sizing;
+    blk::Carve buf{s ? base : nullptr};
+    for (double** p : {&o.y, &o.d, &o.gx, &o.t, &o.da, &o.h, &o.dw}) buf.dbl(*p, E);
+    buf.dbl(o.schur, static_cast<size_t>(R) * (R + 1));
+    buf.dbl(o.flow, E);
+    buf.dbl(o.load, R);
+    return buf.off;
   }
 };
 
