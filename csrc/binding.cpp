@@ -101,14 +101,16 @@ std::vector<torch::Tensor> solve(std::vector<torch::Tensor> arrays, std::vector<
   auto cum = torch::empty({log2phy.size(0), log2phy.size(1)}, f64);
   lplb::SolveSizes sz{static_cast<int>(sizes[1]), static_cast<int>(sizes[2]), static_cast<int>(sizes[3]),
                       sizes[4] != 0, sizes[5] != 0};
-  torch::Tensor schur;
-  if (!lplb::solve_schur_in_smem(sz)) schur = torch::empty({n_comp * sz.max_ranks * sz.max_ranks}, f64);
+  // scratch in global memory for components too large for one block's shared memory
+  torch::Tensor global;
+  const size_t per_comp = lplb::solve_global_doubles(sz, static_cast<int>(method));
+  if (per_comp > 0) global = torch::empty({n_comp * static_cast<int64_t>(per_comp)}, f64);
   lplb::SolveOut out{edge_flow.data_ptr<double>(), rank_load.data_ptr<double>(), status.data_ptr<int32_t>(),
                      bound.data_ptr<double>(), iters.data_ptr<int32_t>()};
   const bool is_int = ld.scalar_type() == torch::kInt32;
   auto stream = c10::cuda::getCurrentCUDAStream();
   check(lplb::solve_split(a, sz, ld.data_ptr(), is_int, static_cast<int>(method), lipschitz,
-                          static_cast<int>(max_rounds), out, schur.defined() ? schur.data_ptr<double>() : nullptr,
+                          static_cast<int>(max_rounds), out, global.defined() ? global.data_ptr<double>() : nullptr,
                           static_cast<int>(ipm_max_iters), ipm_tol, stream),
         "solve");
   check(lplb::slot_split(static_cast<int>(log2phy.size(0)), static_cast<int>(log2phy.size(1)), ld.data_ptr(), is_int,
@@ -119,6 +121,19 @@ std::vector<torch::Tensor> solve(std::vector<torch::Tensor> arrays, std::vector<
                          stream),
         "slot_split");
   return {edge_flow, rank_load, status, bound, iters, x, cum};
+}
+
+// Doubles of global scratch per component the solve stage takes on CUDA device `device`
+// for `method` and sizes (max_ranks, max_experts, max_edges, two_copy): 0 when a block's
+// scratch fits in its shared memory, max_ranks^2 when only the Newton matrix moves
+// out, more when all of it does.
+int64_t global_doubles(std::vector<int64_t> sizes, int64_t method, int64_t device) {
+  TORCH_CHECK(sizes.size() >= 4, "global_doubles: sizes must start with (max_ranks, max_experts, max_edges, two_copy)");
+  TORCH_CHECK(method == 0 || method == 1, "method must be 0 (exact) or 1 (ipm), got ", method);
+  const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
+  lplb::SolveSizes sz{static_cast<int>(sizes[0]), static_cast<int>(sizes[1]), static_cast<int>(sizes[2]),
+                      sizes[3] != 0, false};
+  return static_cast<int64_t>(lplb::solve_global_doubles(sz, static_cast<int>(method)));
 }
 
 // physical ids, idx's shape and dtype
@@ -158,6 +173,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("arrays"), py::arg("sizes"), py::arg("graph"), py::arg("loads"), py::arg("n_ranks"),
         py::arg("method"), py::arg("lipschitz"), py::arg("max_rounds"), py::arg("ipm_max_iters"),
         py::arg("ipm_tol"), py::arg("totals") = py::none());
+  m.def("global_doubles", &global_doubles, "global scratch doubles per component of the solve stage",
+        py::arg("sizes"), py::arg("method"), py::arg("device"));
   m.def("map", &map, "logical -> physical rewrite from the chunk prefix sums and the split", py::arg("idx"),
         py::arg("prefix"), py::arg("counts"), py::arg("cum_frac"), py::arg("log2phy"));
 }

@@ -45,20 +45,34 @@ __device__ __forceinline__ View begin_solve(const blk::Team& team, const CompArr
   return v;
 }
 
-// kInside: the Newton matrix lives in shared memory (compile-time, so that the accesses
-// compile to shared-memory instructions).  The component's index arrays are staged in
-// shared memory after the scratch.
-template <typename T, bool kInside>
+// Where a general kernel's scratch lives (a compile-time choice, so that shared-memory
+// accesses compile to shared-memory instructions rather than generic ones).
+enum Where : int {
+  kAllShared = 0,    // everything in shared memory
+  kSchurGlobal = 1,  // the R x R matrix in global memory (`stride` doubles per block), the rest shared
+  kAllGlobal = 2,    // everything in global memory (`stride` doubles per block): a component too
+                     // large for one block's shared memory; only the reduction head stays there
+};
+
+// This block's scratch in global memory (kSchurGlobal: its matrix; kAllGlobal: all of it).
+__device__ __forceinline__ double* global_part(double* global, size_t stride) {
+  return global + static_cast<size_t>(blockIdx.x) * stride;
+}
+
+// The component's index arrays are staged in shared memory after the scratch (except
+// kAllGlobal, which reads them where they are).
+template <typename T, int kWhere>
 __global__ void __launch_bounds__(kSolveThreads) exact_kernel(CompArrays a, const T* loads, double lipschitz,
-                                                               int max_rounds, SolveOut out, double* schur_global,
-                                                               int schur_stride, size_t work_bytes) {
+                                                               int max_rounds, SolveOut out, double* global,
+                                                               size_t stride, size_t work_bytes) {
   extern __shared__ double smem[];
   const int c = blockIdx.x;
   blk::Team team{smem};
-  const View v = begin_solve(team, a, smem, true, work_bytes);
+  const View v = begin_solve(team, a, smem, kWhere != kAllGlobal, work_bytes);
   exact::Work w;
-  exact::Work::layout(&w, scratch(smem), v.R, v.M, v.E, kInside);
-  if (!kInside) w.schur = schur_global + static_cast<size_t>(c) * schur_stride;
+  char* base = kWhere == kAllGlobal ? reinterpret_cast<char*>(global_part(global, stride)) : scratch(smem);
+  exact::Work::layout(&w, base, v.R, v.M, v.E, kWhere != kSchurGlobal);
+  if (kWhere == kSchurGlobal) w.schur = global_part(global, stride);
   const exact::Result r = exact::solve(team, v, loads, w, lipschitz, max_rounds);
   write_out(team, v, c, w.flow, w.load, r.certified, r.bound, r.rounds, r.newton_iters, out);
 }
@@ -99,18 +113,18 @@ __global__ void __launch_bounds__(32, 1) exact_warp_kernel(CompArrays a, const T
 #endif
 }
 
-// kInside: the Schur matrix lives in shared memory (a compile-time choice, so that its
-// accesses compile to shared-memory instructions rather than generic ones).
-template <typename T, bool kInside>
+// kWhere: as exact_kernel's.
+template <typename T, int kWhere>
 __global__ void __launch_bounds__(kIpmThreads, 1) ipm_kernel(CompArrays a, const T* loads, int max_iters, double tol,
-                                                             SolveOut out, double* schur_global, int schur_stride) {
+                                                             SolveOut out, double* global, size_t stride) {
   extern __shared__ double smem[];
   const int c = blockIdx.x;
   blk::Team team{smem};
   const View v = begin_solve(team, a, smem, false, 0);
   ipm::Work w;
-  ipm::Work::layout(&w, scratch(smem), v.R, v.M, v.E, kInside);
-  if (!kInside) w.schur = schur_global + static_cast<size_t>(c) * schur_stride;
+  char* base = kWhere == kAllGlobal ? reinterpret_cast<char*>(global_part(global, stride)) : scratch(smem);
+  ipm::Work::layout(&w, base, v.R, v.M, v.E, kWhere != kSchurGlobal);
+  if (kWhere == kSchurGlobal) w.schur = global_part(global, stride);
   const ipm::Result r = ipm::solve(team, v, loads, w, max_iters, tol);
   write_out(team, v, c, w.flow, w.load, r.converged, r.objective, r.iterations, 0, out);
 }
@@ -163,6 +177,39 @@ bool fits_exact_warp(const SolveSizes& sz) {
 size_t work_bytes(int method, const SolveSizes& sz, bool schur_inside) {
   return method == 1 ? ipm::Work::layout(nullptr, nullptr, sz.max_ranks, sz.max_experts, sz.max_edges, schur_inside)
                      : exact::Work::layout(nullptr, nullptr, sz.max_ranks, sz.max_experts, sz.max_edges, schur_inside);
+}
+
+// The index arrays a kernel stages in shared memory after its scratch, in bytes.
+size_t staged_bytes(const SolveSizes& sz) {
+  return ((View::staged_ints(sz.max_ranks, sz.max_experts, sz.max_edges) * sizeof(int) + 7) / 8) * 8;
+}
+
+// One block's dynamic shared memory on the current device: what it grants on opt-in
+// (227 KiB on H100 / H200, 163 KiB on A100), at most kSmemLimit.
+size_t smem_limit() {
+  int dev = 0, optin = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return 48 * 1024;
+  }
+  return static_cast<size_t>(optin) < kSmemLimit ? static_cast<size_t>(optin) : kSmemLimit;
+}
+
+// Where `method`'s general kernel keeps a block's scratch for components of these
+// sizes, and how many doubles of global memory it needs per block (0 for kAllShared).
+struct Scratch {
+  Where where;
+  size_t stride;
+};
+Scratch plan_scratch(int method, const SolveSizes& sz) {
+  const size_t limit = smem_limit();
+  const size_t head = kRedDoubles * sizeof(double);
+  const size_t staged = method == 0 ? staged_bytes(sz) : 0;  // (the IPM kernel reads them in place)
+  if (head + work_bytes(method, sz, true) + staged <= limit) return {kAllShared, 0};
+  if (head + work_bytes(method, sz, false) + staged <= limit)
+    return {kSchurGlobal, static_cast<size_t>(sz.max_ranks) * sz.max_ranks};
+  return {kAllGlobal, (work_bytes(method, sz, true) + 7) / 8};
 }
 
 // x[p] and cum[e, :] (the bit-exact definition of lplb_plugin.redirect.copy_fractions).
@@ -255,18 +302,15 @@ cudaError_t launch_solve(void (*kernel)(Params...), int n_comp, int threads, siz
 
 template <typename T>
 cudaError_t launch(const CompArrays& a, const SolveSizes& sz, const T* loads, int method, double lipschitz,
-                   int max_rounds, const SolveOut& out, double* schur_global, int ipm_max_iters, double ipm_tol,
+                   int max_rounds, const SolveOut& out, double* global, int ipm_max_iters, double ipm_tol,
                    cudaStream_t stream) {
   if (a.n_comp == 0) return cudaSuccess;
   if (method != 0 && method != 1) return cudaErrorInvalidValue;
   const size_t head = kRedDoubles * sizeof(double);
-  const bool inside = solve_schur_in_smem(sz);
-  if (!inside && schur_global == nullptr) return cudaErrorInvalidValue;
-  const size_t smem = head + work_bytes(method, sz, inside);
-  double* schur = inside ? nullptr : schur_global;
-  const int stride = sz.max_ranks * sz.max_ranks;
-  // the index arrays staged in shared memory after a kernel's scratch (those that stage)
-  const size_t staged = ((View::staged_ints(sz.max_ranks, sz.max_experts, sz.max_edges) * sizeof(int) + 7) / 8) * 8;
+  const Scratch plan = plan_scratch(method, sz);
+  if (plan.where != kAllShared && global == nullptr) return cudaErrorInvalidValue;
+  const bool inside = plan.where == kAllShared;
+  const size_t staged = staged_bytes(sz);
   const bool small_pairs = inside && sz.one_warp && sz.two_copy && sz.max_ranks <= pair::kMaxRanks &&
                            sz.max_experts <= pair::kMaxExperts;
   const bool small_any = inside && sz.one_warp && sz.max_ranks <= ipm_warp::kMaxRanks &&
@@ -287,13 +331,16 @@ cudaError_t launch(const CompArrays& a, const SolveSizes& sz, const T* loads, in
                                        : ipm_warp_kernel<32, T>;
     return launch_solve(kernel, a.n_comp, 32, bytes, stream, a, loads, ipm_max_iters, ipm_tol, out, work);
   } else if (method == 1) {
-    auto kernel = inside ? ipm_kernel<T, true> : ipm_kernel<T, false>;
-    return launch_solve(kernel, a.n_comp, kIpmThreads, smem, stream,
-                        a, loads, ipm_max_iters, ipm_tol, out, schur, stride);
+    const size_t bytes = head + (plan.where == kAllGlobal ? 0 : work_bytes(1, sz, inside));
+    auto kernel = plan.where == kAllShared    ? ipm_kernel<T, kAllShared>
+                  : plan.where == kSchurGlobal ? ipm_kernel<T, kSchurGlobal>
+                                               : ipm_kernel<T, kAllGlobal>;
+    return launch_solve(kernel, a.n_comp, kIpmThreads, bytes, stream, a, loads, ipm_max_iters, ipm_tol, out,
+                        global, plan.stride);
   } else {
     // the exact kernels' shared memory: scratch, then the staged index arrays
-    const size_t work = work_bytes(0, sz, inside);
-    const size_t bytes = head + work + staged;
+    const size_t work = plan.where == kAllGlobal ? 0 : work_bytes(0, sz, inside);
+    const size_t bytes = head + (plan.where == kAllGlobal ? 0 : work + staged);
     if (small_pairs) {
       auto kernel = sz.max_experts <= 32 ? pair_kernel<1, T> : pair_kernel<2, T>;
       return launch_solve(kernel, a.n_comp, 32, bytes, stream, a, loads, lipschitz, max_rounds, out, work);
@@ -308,30 +355,25 @@ cudaError_t launch(const CompArrays& a, const SolveSizes& sz, const T* loads, in
       const int width = sz.max_edges > sz.max_experts + sz.max_ranks ? sz.max_edges : sz.max_experts + sz.max_ranks;
       int threads = ((width + 31) / 32) * 32;
       threads = threads < 32 ? 32 : (threads > kSolveThreads ? kSolveThreads : threads);
-      auto kernel = inside ? exact_kernel<T, true> : exact_kernel<T, false>;
-      return launch_solve(kernel, a.n_comp, threads, bytes, stream,
-                          a, loads, lipschitz, max_rounds, out, schur, stride, work);
+      auto kernel = plan.where == kAllShared    ? exact_kernel<T, kAllShared>
+                    : plan.where == kSchurGlobal ? exact_kernel<T, kSchurGlobal>
+                                                 : exact_kernel<T, kAllGlobal>;
+      return launch_solve(kernel, a.n_comp, threads, bytes, stream, a, loads, lipschitz, max_rounds, out, global,
+                          plan.stride, work);
     }
   }
 }
 
 }  // namespace
 
-bool solve_schur_in_smem(const SolveSizes& sz) {
-  // one answer for both methods (the caller sizes the global fallback before choosing)
-  const size_t head = kRedDoubles * sizeof(double);
-  const size_t staged = View::staged_ints(sz.max_ranks, sz.max_experts, sz.max_edges) * sizeof(int) + 8;
-  const size_t e = work_bytes(0, sz, true) + staged, i = work_bytes(1, sz, true);
-  return head + (e > i ? e : i) <= kSmemLimit;
-}
-
+size_t solve_global_doubles(const SolveSizes& sz, int method) { return plan_scratch(method, sz).stride; }
 cudaError_t solve_split(const CompArrays& a, const SolveSizes& sz, const void* loads, bool loads_int32, int method,
-                        double lipschitz, int max_rounds, const SolveOut& out, double* schur_global,
+                        double lipschitz, int max_rounds, const SolveOut& out, double* global,
                         int ipm_max_iters, double ipm_tol, cudaStream_t stream) {
-  return loads_int32 ? launch(a, sz, static_cast<const int32_t*>(loads), method, lipschitz, max_rounds, out,
-                              schur_global, ipm_max_iters, ipm_tol, stream)
-                     : launch(a, sz, static_cast<const double*>(loads), method, lipschitz, max_rounds, out,
-                              schur_global, ipm_max_iters, ipm_tol, stream);
+  return loads_int32 ? launch(a, sz, static_cast<const int32_t*>(loads), method, lipschitz, max_rounds, out, global,
+                              ipm_max_iters, ipm_tol, stream)
+                     : launch(a, sz, static_cast<const double*>(loads), method, lipschitz, max_rounds, out, global,
+                              ipm_max_iters, ipm_tol, stream);
 }
 
 cudaError_t slot_split(int n_logical, int n_cols, const void* loads, bool loads_int32, const int64_t* log2phy,

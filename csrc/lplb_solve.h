@@ -1,6 +1,7 @@
 // Solve stage of the Planner on the GPU (torch-free C++ API); see lplb_solve.cu.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <cuda_runtime.h>
 
@@ -17,17 +18,20 @@ struct SolveSizes {
   bool two_copy, one_warp;
 };
 
-// Whether one block's scratch, the R x R Newton / Schur matrix included, fits in shared
-// memory for either method; otherwise the caller passes n_comp * max_ranks^2 doubles
-// of global memory.
-bool solve_schur_in_smem(const SolveSizes& sz);
+// Doubles of global memory per component that `method`'s kernel needs for components of
+// these sizes (0 when a block's scratch fits in its shared memory on the current
+// device): the R x R Newton / Schur matrix when only that does not fit, all of the
+// scratch when even the rest does not.  The caller passes n_comp times that to
+// solve_split.
+size_t solve_global_doubles(const SolveSizes& sz, int method);
 
 // One block per component.  loads: int32 or float64 [L] global tokens per logical
 // expert.  method 0 = exact (lipschitz, max_rounds), 1 = ipm (ipm_max_iters, ipm_tol,
-// as lplb_plugin.solvers.ipm.solve_ipm takes them).  Writes out (graph numbering).
-// No host sync.
+// as lplb_plugin.solvers.ipm.solve_ipm takes them).  global: solve_global_doubles(sz,
+// method) doubles per component, or null when that is 0.  Writes out (graph
+// numbering).  No host sync.
 cudaError_t solve_split(const CompArrays& a, const SolveSizes& sz, const void* loads, bool loads_int32, int method,
-                        double lipschitz, int max_rounds, const SolveOut& out, double* schur_global,
+                        double lipschitz, int max_rounds, const SolveOut& out, double* global,
                         int ipm_max_iters, double ipm_tol, cudaStream_t stream);
 
 // Per-slot split x [P] and cumulative copy shares cum [L, n_cols] from an edge flow.

@@ -207,3 +207,15 @@ class DeviceSolver:
             float(self.arrays.lipschitz), int(max_rounds), int(ipm_max_iters), float(ipm_tol), totals,
         )
         return DeviceSplit(*out)
+
+    def global_scratch(self, method: str = "exact") -> int:
+        """Doubles of GPU global memory per component that :meth:`solve` takes as the
+        kernels' scratch with ``method``: 0 when a component's scratch fits in one
+        block's shared memory, ``max_ranks**2`` when only the ``R x R`` Newton matrix
+        moves out, more when everything does (components too large for shared memory
+        are solved from global memory, slower, with no other limit).  Allocated per
+        call from torch's caching allocator."""
+        if method not in self.METHODS:
+            raise ValueError(f"method={method!r}; expected one of {sorted(self.METHODS)}")
+        index = self.device.index if self.device.index is not None else torch.cuda.current_device()
+        return int(get().global_doubles(self.sizes[1:5], self.METHODS[method], index))

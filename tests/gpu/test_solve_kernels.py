@@ -172,17 +172,38 @@ def test_int32_and_float64_loads_agree():
     assert torch.equal(a.edge_flow, b.edge_flow) and torch.equal(a.cum_frac, b.cum_frac)
 
 
-@pytest.mark.parametrize("n_ranks", [64, 160])
-def test_large_components(n_ranks):
-    """64 ranks in shared memory; 160 ranks puts the Newton matrix in global memory."""
+@pytest.mark.parametrize(
+    "n_ranks, per_rank, where",
+    [(64, 6, "shared"), (160, 6, "matrix global"), (128, 32, "all global")],
+    ids=["64-shared", "160-matrix-global", "128x32-all-global"],
+)
+def test_large_components(n_ranks, per_rank, where):
+    """One component per placement, both methods against the references: at 64 ranks
+    the kernels' scratch is in shared memory; at 160 ranks the Newton matrix moves to
+    global memory; at 128 ranks with 32 slots each (one component of ~3,900 edges,
+    more than a block's shared memory holds even without the matrix) all of it does."""
     gen = torch.Generator().manual_seed(n_ranks)
-    p = random_placement(gen, 4 * n_ranks, n_ranks, 6)
+    p = random_placement(gen, 4 * n_ranks, n_ranks, per_rank)
     ds, g, _ = _solver(p)
+    R = ds.sizes[1]
+    for method in ("exact", "ipm"):
+        doubles = ds.global_scratch(method)
+        got = "shared" if doubles == 0 else "matrix global" if doubles == R * R else "all global"
+        assert got == where, (method, ds.sizes, doubles)
     loads = ((torch.rand(4 * n_ranks, generator=gen, dtype=torch.float64) ** 4) * 1e5).round()
     split = ds.solve(loads.cuda())
     ref = solve_exact(g, loads)
     assert bool(split.status.all()) == ref.certified
     assert rel_diff(split.edge_flow.cpu(), ref.edge_flow, float(loads.max())) <= 1e-9
+    split = ds.solve(loads.cuda(), "ipm")
+    ref = solve_ipm(g, loads)
+    fixed = g.fixed_loads(loads)
+    ref_obj = float(g.rank_loads(fixed, ref.edge_flow).max())
+    assert bool(split.status.all()) == bool(ref.converged)
+    assert abs(float(split.rank_loads.max()) - ref_obj) <= 1e-5 * ref_obj
+    flow = split.edge_flow.cpu()
+    sums = torch.zeros(g.n_movable, dtype=torch.float64).index_add_(0, g.edge_expert, flow)
+    assert bool((flow >= 0).all()) and torch.allclose(sums, g.demands(loads), rtol=1e-9, atol=1e-6)
 
 
 def test_fallback_is_reported_and_valid():
