@@ -5,6 +5,7 @@
 // per-slot split and the cumulative copy shares the map kernel reads.  No host sync.
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <utility>
 
 #include "lplb_solve.h"
@@ -186,12 +187,23 @@ size_t staged_bytes(const SolveSizes& sz) {
 
 // One block's dynamic shared memory on the current device: what it grants on opt-in
 // (227 KiB on H100 / H200, 163 KiB on A100), at most kSmemLimit.
+// Asked once per device (every solve launch needs it); a device that does not answer
+// is taken at the 48 KiB every block gets.
 size_t smem_limit() {
-  int dev = 0, optin = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess ||
-      cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess) {
+  constexpr int kDevices = 64;
+  static std::atomic<int> known[kDevices] = {};  // optin + 1, 0 = not asked yet
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) {
     (void)cudaGetLastError();
     return 48 * 1024;
+  }
+  int optin = dev < kDevices ? known[dev].load(std::memory_order_relaxed) - 1 : -1;
+  if (optin < 0) {
+    if (cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess) {
+      (void)cudaGetLastError();
+      return 48 * 1024;
+    }
+    if (dev < kDevices) known[dev].store(optin + 1, std::memory_order_relaxed);
   }
   return static_cast<size_t>(optin) < kSmemLimit ? static_cast<size_t>(optin) : kSmemLimit;
 }
