@@ -186,9 +186,9 @@ size_t staged_bytes(const SolveSizes& sz) {
 }
 
 // One block's dynamic shared memory on the current device: what it grants on opt-in
-// (227 KiB on H100 / H200, 163 KiB on A100), at most kSmemLimit.
-// Asked once per device (every solve launch needs it); a device that does not answer
-// is taken at the 48 KiB every block gets.
+// (227 KiB on H100 / H200, 163 KiB on A100), at most kSmemLimit.  Asked once per
+// device (every solve launch needs it); a device that does not answer is taken at the
+// 48 KiB every block gets.
 size_t smem_limit() {
   constexpr int kDevices = 64;
   static std::atomic<int> known[kDevices] = {};  // optin + 1, 0 = not asked yet
@@ -379,6 +379,7 @@ cudaError_t launch(const CompArrays& a, const SolveSizes& sz, const T* loads, in
 }  // namespace
 
 size_t solve_global_doubles(const SolveSizes& sz, int method) { return plan_scratch(method, sz).stride; }
+
 cudaError_t solve_split(const CompArrays& a, const SolveSizes& sz, const void* loads, bool loads_int32, int method,
                         double lipschitz, int max_rounds, const SolveOut& out, double* global,
                         int ipm_max_iters, double ipm_tol, cudaStream_t stream) {

@@ -39,7 +39,6 @@
 
 #include "block_ops.cuh"
 #include "solve_exact.cuh"
-#include "solve_ipm_pair.cuh"
 #include "solve_pair.cuh"
 #include "solve_view.cuh"
 
@@ -327,7 +326,7 @@ __device__ __forceinline__ bool project_start(const View& v, Lane& L, const Smem
   // both lie in [0, c]), so by weak duality a dual value above twice that (rounding
   // margin) proves that no split meets the bound (exact::project).
   double acc[2] = {L.has_edge ? L.mult * L.x0 * L.x0 : 0.0, L.has_edge ? L.mult * L.c * L.c : 0.0};
-  ipm_pair::wreduce<2, 0u>(acc);
+  pair::wreduce<2, 0u>(acc);
   const_term = 0.5 * acc[0];
   dual_cap = acc[1];
   return __ballot_sync(kFull, L.has_rank && L.cap < -tol) == 0u;
@@ -573,7 +572,7 @@ __device__ exact::Result solve(const View& v, const T* loads, const Smem& sm, do
   // the even split's max load, the largest demand and fixed load
   double mx[3] = {L.has_rank ? L.load : -HUGE_VAL, L.has_exp ? L.demand : -HUGE_VAL,
                   L.has_rank ? L.fixed : -HUGE_VAL};
-  ipm_pair::wreduce<3, 7u>(mx);
+  pair::wreduce<3, 7u>(mx);
   const double dmax = mx[1], fmax = mx[2];
   auto finish = [&](double flow, int certified) {
     if (L.has_edge) sm.flow[lane] = flow;

@@ -61,6 +61,7 @@ struct Smem {
 
 using pair::factor_reg;
 using pair::kFull;
+using pair::wreduce;
 using pair::wmax;
 
 // Registers of one lane: its rank (lane < R) and its experts j (m = lane + 32 j < M)
@@ -84,22 +85,6 @@ struct Lane {
   double y[J][2], z[J][2], iy[J][2], iz[J][2], d[J][2], da[J][2], rd[J][2], dx[J][2], dz[J][2], aff[J][2],
       best[J][2];
 };
-
-// N warp reductions at once (independent chains, so the shuffles overlap): slot k is a
-// sum, or a NaN-propagating max when bit k of kMaxMask is set.  Every lane gets lane
-// 0's bits.
-template <int N, unsigned kMaxMask>
-__device__ __forceinline__ void wreduce(double (&acc)[N]) {
-  for (int off = 16; off > 0; off >>= 1) {
-    double o[N];
-LPLB_PRAGMA(unroll)
-    for (int k = 0; k < N; ++k) o[k] = __shfl_xor_sync(kFull, acc[k], off);
-LPLB_PRAGMA(unroll)
-    for (int k = 0; k < N; ++k) acc[k] = ((kMaxMask >> k) & 1u) ? blk::nanmax(acc[k], o[k]) : acc[k] + o[k];
-  }
-LPLB_PRAGMA(unroll)
-  for (int k = 0; k < N; ++k) acc[k] = __shfl_sync(kFull, acc[k], 0);
-}
 
 // Sums over a rank's edges (rank_edges order) as ipm::ranks and ipm::corrector_rhs
 // form them: out[k] adds arr[k][e] (k < N) and out[N] adds da[e] * h[e] (a product

@@ -64,7 +64,7 @@ using ipm_pair::rank_start;
 using ipm_pair::rank_sums;
 using ipm_pair::rank_update;
 using ipm_pair::subst_reg;
-using ipm_pair::wreduce;
+using pair::wreduce;
 
 // Registers of lane l: rank l, expert l, edge l.  Names as ipm::Work's arrays.
 struct Lane {

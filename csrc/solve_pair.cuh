@@ -72,6 +72,22 @@ __device__ __forceinline__ void wmax_sum(double& mx, double& sm) {
   sm = __shfl_sync(kFull, sm, 0);
 }
 
+// N warp reductions at once (independent chains, so the shuffles overlap): slot k is a
+// sum, or a NaN-propagating max when bit k of kMaxMask is set.  Every lane gets lane
+// 0's bits.
+template <int N, unsigned kMaxMask>
+__device__ __forceinline__ void wreduce(double (&acc)[N]) {
+  for (int off = 16; off > 0; off >>= 1) {
+    double o[N];
+LPLB_PRAGMA(unroll)
+    for (int k = 0; k < N; ++k) o[k] = __shfl_xor_sync(kFull, acc[k], off);
+LPLB_PRAGMA(unroll)
+    for (int k = 0; k < N; ++k) acc[k] = ((kMaxMask >> k) & 1u) ? blk::nanmax(acc[k], o[k]) : acc[k] + o[k];
+  }
+LPLB_PRAGMA(unroll)
+  for (int k = 0; k < N; ++k) acc[k] = __shfl_sync(kFull, acc[k], 0);
+}
+
 // A x = b for SPD A (n <= 32, row i at A + i * lda), one warp; lane i passes b[i] and
 // gets x[i] (0 beyond n).  Gaussian elimination without pivoting (SPD), lane i
 // updating its own row in shared memory (A is overwritten); a pivot <= 0 (not
