@@ -260,8 +260,9 @@ LPLB_HD void tri_index(int q, int& i, int& j) {
 // LDL^T factorisation in place of the SPD matrix A (n x n, row-major, leading dimension
 // lda; only the lower triangle is read): A = L D L^T with L unit lower triangular.
 // Afterwards the diagonal holds D, the strict upper triangle L^T (A[k][i] = L[i][k]),
-// and the strict lower triangle the unscaled columns L[i][k] D[k].  Right-looking, one
-// column per step and one barrier per step: step k reads only column k and updates
+// and the strict lower triangle the unscaled columns L[i][k] D[k].  Right-looking: in
+// panels of 8 columns while more than 16 remain (see below), then one column per step
+// and one barrier per step: step k reads only column k and updates
 // the trailing lower triangle, one entry per index, the index of a row's diagonal
 // entry also storing the row's L[i][k].  Steps with more than 32 entries use the whole
 // block (__syncthreads), the smaller last ones warp 0 alone (__syncwarp).  A pivot <= 0
@@ -296,6 +297,55 @@ LPLB_HD int ldlt_factor(const Team& t, double* A, int n, int lda, const int* tri
     };
   };
   int k = 0;
+  // Columns in panels of kPanel while more than kPanel + 8 remain (the whole block).
+  // Step k of the loop below is, per entry, A[i][j] -= (A[i][k] / d_k) A[j][k]; a panel
+  // runs its kPanel steps on its own columns only (a row per thread, a barrier per
+  // step), then applies them to the trailing triangle at once: each entry loads its
+  // kPanel multipliers (row k of the upper triangle) and column entries together and
+  // subtracts them in step order.  The same operations on the same values as step by
+  // step (the same bits on the GPU and in the plain CPU build), but a trailing entry
+  // is read and written once per panel instead of once per step: with the matrix in
+  // global memory (components beyond shared memory) each of those was a dependent
+  // round trip.
+  constexpr int kPanel = 8;
+  for (; n - k > kPanel + 8; k += kPanel) {
+    const int pe = k + kPanel;  // the panel is columns k .. pe - 1
+    for (int c = k; c < pe; ++c) {
+      double dc = A[c * lda + c];
+      if (!(dc > 0.0)) {
+        ++bad;
+        dc = 1e-300;
+      }
+      const double ic = 1.0 / dc;
+      pfor(t, n - c - 1, [&](int q) {
+        const int i = c + 1 + q;
+        const double l = A[i * lda + c] * ic;
+        A[c * lda + i] = l;
+        const int last = i < pe - 1 ? i : pe - 1;
+        for (int j = c + 1; j <= last; ++j) A[i * lda + j] -= l * A[j * lda + c];
+      });
+    }
+    const int m = n - pe;
+    pfor(t, m * (m + 1) / 2, [&](int q) {
+      int i, j;
+      if (tri_ij) {
+        i = tri_ij[q] >> 16;
+        j = tri_ij[q] & 0xffff;
+      } else {
+        tri_index(q, i, j);
+      }
+      i += pe;
+      j += pe;
+      // (one subtraction per step as in the step-by-step form, so that nvcc fuses each
+      // into the same multiply-add; the loads are off the chain and issue together.
+      // GCC -O2 -ffp-contract=fast fuses this loop differently: the CPU FMA build's
+      // bits differ from step by step, its answers not)
+      double a = A[i * lda + j];
+LPLB_PRAGMA(unroll)
+      for (int u = 0; u < kPanel; ++u) a -= A[(k + u) * lda + i] * A[j * lda + k + u];
+      A[i * lda + j] = a;
+    });
+  }
   // large steps: the whole block
   for (; k < n; ++k) {
     const int m = n - k - 1;
