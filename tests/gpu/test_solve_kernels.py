@@ -178,10 +178,11 @@ def test_int32_and_float64_loads_agree():
     ids=["64-shared", "160-matrix-global", "128x32-all-global"],
 )
 def test_large_components(n_ranks, per_rank, where):
-    """One component per placement, both methods against the references: at 64 ranks
-    the kernels' scratch is in shared memory; at 160 ranks the Newton matrix moves to
-    global memory; at 128 ranks with 32 slots each (one component of ~3,900 edges,
-    more than a block's shared memory holds even without the matrix) all of it does."""
+    """One large component per placement, both methods against the references: at 64
+    ranks the kernels' scratch is in shared memory; at 160 ranks the Newton matrix
+    moves to global memory; at 128 ranks with 32 slots each (a component of ~4,000
+    edges, more than a block's shared memory holds even without the matrix) all of
+    it does."""
     gen = torch.Generator().manual_seed(n_ranks)
     p = random_placement(gen, 4 * n_ranks, n_ranks, per_rank)
     ds, g, _ = _solver(p)
