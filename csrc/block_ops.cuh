@@ -257,6 +257,27 @@ LPLB_HD void tri_index(int q, int& i, int& j) {
   j = q - i * (i + 1) / 2;
 }
 
+// (i, j) of the q-th entry of a lower triangle: from the table tri_ij (entries
+// (i << 16) | j) when given, else computed.
+LPLB_HD void tri_entry(const int* tri_ij, int q, int& i, int& j) {
+  if (tri_ij) {
+    i = tri_ij[q] >> 16;
+    j = tri_ij[q] & 0xffff;
+  } else {
+    tri_index(q, i, j);
+  }
+}
+
+// 1 / d for an LDL^T pivot d; a pivot <= 0 (not numerically SPD) is taken as 1e-300
+// and counted in bad.
+LPLB_HD double pivot_inverse(double d, int& bad) {
+  if (!(d > 0.0)) {
+    ++bad;
+    d = 1e-300;
+  }
+  return 1.0 / d;
+}
+
 // LDL^T factorisation in place of the SPD matrix A (n x n, row-major, leading dimension
 // lda; only the lower triangle is read): A = L D L^T with L unit lower triangular.
 // Afterwards the diagonal holds D, the strict upper triangle L^T (A[k][i] = L[i][k]),
@@ -275,20 +296,10 @@ LPLB_HD int ldlt_factor(const Team& t, double* A, int n, int lda, const int* tri
   int bad = 0;
   // step k as a pfor / wfor body (the pivot read and checked by every thread)
   auto step = [&](int k) {
-    double dk = A[k * lda + k];
-    if (!(dk > 0.0)) {
-      ++bad;
-      dk = 1e-300;
-    }
-    const double ik = 1.0 / dk;
+    const double ik = pivot_inverse(A[k * lda + k], bad);
     return [=](int q) {
       int i, j;
-      if (tri_ij) {
-        i = tri_ij[q] >> 16;
-        j = tri_ij[q] & 0xffff;
-      } else {
-        tri_index(q, i, j);
-      }
+      tri_entry(tri_ij, q, i, j);
       i += k + 1;
       j += k + 1;
       const double l = A[i * lda + k] * ik;
@@ -311,12 +322,7 @@ LPLB_HD int ldlt_factor(const Team& t, double* A, int n, int lda, const int* tri
   for (; n - k > kPanel + 8; k += kPanel) {
     const int pe = k + kPanel;  // the panel is columns k .. pe - 1
     for (int c = k; c < pe; ++c) {
-      double dc = A[c * lda + c];
-      if (!(dc > 0.0)) {
-        ++bad;
-        dc = 1e-300;
-      }
-      const double ic = 1.0 / dc;
+      const double ic = pivot_inverse(A[c * lda + c], bad);
       pfor(t, n - c - 1, [&](int q) {
         const int i = c + 1 + q;
         const double l = A[i * lda + c] * ic;
@@ -328,12 +334,7 @@ LPLB_HD int ldlt_factor(const Team& t, double* A, int n, int lda, const int* tri
     const int m = n - pe;
     pfor(t, m * (m + 1) / 2, [&](int q) {
       int i, j;
-      if (tri_ij) {
-        i = tri_ij[q] >> 16;
-        j = tri_ij[q] & 0xffff;
-      } else {
-        tri_index(q, i, j);
-      }
+      tri_entry(tri_ij, q, i, j);
       i += pe;
       j += pe;
       // (one subtraction per step as in the step-by-step form, so that nvcc fuses each
