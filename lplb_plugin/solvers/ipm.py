@@ -346,19 +346,31 @@ def finalize_flow(graph: SplitGraph, flow: torch.Tensor, demand: torch.Tensor) -
     become 0, each expert's edges are rescaled to sum to its demand exactly; experts
     with zero demand get 0, experts whose flow vanished get the even split over their
     copies (slots).  All float64 CPU."""
-    flow = flow.to("cpu", torch.float64)
+    flow = _clean(flow.to("cpu", torch.float64))
     demand = demand.to("cpu", torch.float64)
-    flow = torch.where(torch.isfinite(flow), flow, 0.0).clamp_min(0.0)
     M = graph.n_movable
     ee = graph.edge_expert
     tot = torch.zeros(M, dtype=torch.float64).index_add_(0, ee, flow)
     mult = graph.edge_mult.to(torch.float64)
     copies = torch.zeros(M, dtype=torch.float64).index_add_(0, ee, mult)
-    even = demand[ee] * mult / copies[ee]
+    return _rescale(flow, mult, demand[ee], tot[ee], copies[ee])
+
+
+def _clean(flow: torch.Tensor) -> torch.Tensor:
+    """The finalisation's first step: non-finite and negative entries become 0."""
+    return torch.where(torch.isfinite(flow), flow, 0.0).clamp_min(0.0)
+
+
+def _rescale(flow, mult, demand, tot, copies) -> torch.Tensor:
+    """The finalisation's second step, per edge (every argument broadcast to the
+    edges): each expert's edges rescaled to its ``demand`` from their sum ``tot``; the
+    even split over its ``copies`` slots where the flow vanished; 0 at zero demand.
+    Shared by :func:`finalize_flow` and the stop test's bound (:func:`_split_bound`),
+    so that the bound is about exactly the split that would be returned."""
     ok = tot > 0
-    scaled = flow * torch.where(ok, demand / torch.where(ok, tot, 1.0), 0.0)[ee]
-    out = torch.where(ok[ee], scaled, even)
-    return torch.where(demand[ee] > 0, out, 0.0)
+    scaled = flow * torch.where(ok, demand / torch.where(ok, tot, 1.0), 0.0)
+    even = demand * mult / torch.where(copies > 0, copies, 1.0)
+    return torch.where(demand > 0, torch.where(ok, scaled, even), 0.0)
 
 
 # ----------------------------------------------------------------------------- solver
@@ -381,14 +393,8 @@ def _split_bound(y, w, f, c, em, rm, xm, mult) -> tuple[torch.Tensor, torch.Tens
     and ``sum_r w+_r load_r >= f.w+ + sum_m c_m min_{r ~ m} w+_r``, so ``LB <= T*``
     whenever ``sum w+ > 0``; then ``U - LB <= tol LB`` puts ``U`` within ``tol`` of
     the optimum."""
-    y = torch.where(torch.isfinite(y), y, 0.0).clamp_min(0.0)
-    tot = y.sum(2, keepdim=True)
-    copies = mult.sum(2, keepdim=True)
-    ok = tot > 0
-    cm = c.unsqueeze(2)
-    scaled = y * torch.where(ok, cm / torch.where(ok, tot, 1.0), 0.0)
-    even = cm * mult / torch.where(copies > 0, copies, 1.0)
-    y = torch.where(cm > 0, torch.where(ok, scaled, even), 0.0)
+    y = _clean(y)
+    y = _rescale(y, mult, c.unsqueeze(2), y.sum(2, keepdim=True), mult.sum(2, keepdim=True))
     U = torch.where(rm > 0, f + y.sum(1), -torch.inf).amax(1)
     wp = (w * rm).clamp_min(0.0)  # (NaN stays NaN: no bound then)
     wmin = torch.where(em > 0, wp.unsqueeze(1), torch.inf).amin(2)
