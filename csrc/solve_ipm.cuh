@@ -352,12 +352,7 @@ LPLB_HD void assemble(const blk::Team& t, const View& v, const Work& w, double n
     }
     if (i >= n_tri) return;
     int ra, rb;
-    if (w.tri) {
-      ra = w.tri[i] >> 16;
-      rb = w.tri[i] & 0xffff;
-    } else {
-      blk::tri_index(i, ra, rb);
-    }
+    blk::tri_entry(w.tri, i, ra, rb);
     double* entry = w.schur + static_cast<size_t>(ra) * R + rb;
     if (ra == rb) {
       double dg = w.diag[ra] + nu, reg = 1e-12;
