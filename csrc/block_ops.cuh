@@ -27,6 +27,44 @@
 #endif
 
 namespace lplb {
+
+// Warp shuffles of one value over the full warp (shfl: from lane src; shfl_xor:
+// butterfly; shfl_down: from lane + delta), for every warp step of the solvers.  A
+// double moves as its two 32-bit words through plain bit moves: CUDA's own double
+// overloads split it inside asm volatile, and ptxas then often lands the two words in
+// each other's registers and swaps them back with three LOP3 per shuffle (the
+// one-warp torus 8x4 IPM kernel executed ~9k such LOP3 of its ~40k instructions,
+// Nsight Compute; the bits are the same either way).
+#if defined(__CUDA_ARCH__)
+template <typename T>
+__device__ __forceinline__ T shfl(T v, int src) {
+  return __shfl_sync(0xffffffffu, v, src);
+}
+template <typename T>
+__device__ __forceinline__ T shfl_xor(T v, int mask) {
+  return __shfl_xor_sync(0xffffffffu, v, mask);
+}
+template <typename T>
+__device__ __forceinline__ T shfl_down(T v, unsigned delta) {
+  return __shfl_down_sync(0xffffffffu, v, delta);
+}
+__device__ __forceinline__ double shfl(double v, int src) {
+  const int lo = __shfl_sync(0xffffffffu, __double2loint(v), src);
+  const int hi = __shfl_sync(0xffffffffu, __double2hiint(v), src);
+  return __hiloint2double(hi, lo);
+}
+__device__ __forceinline__ double shfl_xor(double v, int mask) {
+  const int lo = __shfl_xor_sync(0xffffffffu, __double2loint(v), mask);
+  const int hi = __shfl_xor_sync(0xffffffffu, __double2hiint(v), mask);
+  return __hiloint2double(hi, lo);
+}
+__device__ __forceinline__ double shfl_down(double v, unsigned delta) {
+  const int lo = __shfl_down_sync(0xffffffffu, __double2loint(v), delta);
+  const int hi = __shfl_down_sync(0xffffffffu, __double2hiint(v), delta);
+  return __hiloint2double(hi, lo);
+}
+#endif  // (the CPU build of the one-warp solvers: warp_emulation.h)
+
 namespace blk {
 
 // Carves a block's arrays out of one buffer, in call order; with base == nullptr it
@@ -95,7 +133,7 @@ LPLB_HD double reduce(const Team& t, int n, Op op, F&& f) {
 #if defined(__CUDA_ARCH__)
   double v = Op::identity();
   for (int i = threadIdx.x; i < n; i += blockDim.x) v = op(v, f(i));
-  for (int off = 16; off > 0; off >>= 1) v = op(v, __shfl_down_sync(0xffffffffu, v, off));
+  for (int off = 16; off > 0; off >>= 1) v = op(v, shfl_down(v, off));
   const int warps = (blockDim.x + 31) >> 5;
   if ((threadIdx.x & 31) == 0) t.red[threadIdx.x >> 5] = v;
   __syncthreads();
@@ -118,8 +156,8 @@ LPLB_HD void reduce2(const Team& t, int n, F&& f, double& out_a, double& out_b) 
   double a = 0.0, b = 0.0;
   for (int i = threadIdx.x; i < n; i += blockDim.x) f(i, a, b);
   for (int off = 16; off > 0; off >>= 1) {
-    a += __shfl_down_sync(0xffffffffu, a, off);
-    b += __shfl_down_sync(0xffffffffu, b, off);
+    a += shfl_down(a, off);
+    b += shfl_down(b, off);
   }
   const int warps = (blockDim.x + 31) >> 5;
   if ((threadIdx.x & 31) == 0) {
@@ -191,7 +229,7 @@ LPLB_PRAGMA(unroll)
   for (int off = 16; off > 0; off >>= 1) {
 LPLB_PRAGMA(unroll)
     for (int k = 0; k < N; ++k) {
-      const double o = __shfl_down_sync(0xffffffffu, acc[k], off);
+      const double o = shfl_down(acc[k], off);
       acc[k] = ((kMaxMask >> k) & 1u) ? nanmax(acc[k], o) : acc[k] + o;
     }
   }
@@ -394,8 +432,8 @@ LPLB_HD void ldlt_subst(const Team& t, const double* A, int n, int lda, double* 
       double p = has ? b1[i] : 0.0, r = (two && has) ? b2[i] : 0.0;
       double l = (has && i > 0) ? A[i] : 0.0;  // L[i][0] = A[0][i]
       for (int k = 0; k < n; ++k) {
-        const double x1 = __shfl_sync(0xffffffffu, p, k);
-        const double x2 = two ? __shfl_sync(0xffffffffu, r, k) : 0.0;
+        const double x1 = shfl(p, k);
+        const double x2 = two ? shfl(r, k) : 0.0;
         const double next = (has && i > k + 1) ? A[(k + 1) * lda + i] : 0.0;
         if (has && i > k) {
           p -= l * x1;
@@ -410,8 +448,8 @@ LPLB_HD void ldlt_subst(const Team& t, const double* A, int n, int lda, double* 
       }
       l = (has && n - 1 > i) ? A[i * lda + n - 1] : 0.0;  // L[n-1][i]
       for (int k = n - 1; k > 0; --k) {
-        const double x1 = __shfl_sync(0xffffffffu, p, k);
-        const double x2 = two ? __shfl_sync(0xffffffffu, r, k) : 0.0;
+        const double x1 = shfl(p, k);
+        const double x2 = two ? shfl(r, k) : 0.0;
         const double next = (has && i < k - 1) ? A[i * lda + k - 1] : 0.0;
         if (i < k) {
           p -= l * x1;
@@ -425,8 +463,8 @@ LPLB_HD void ldlt_subst(const Team& t, const double* A, int n, int lda, double* 
       }
       double s1 = has ? p : 0.0, s2 = has ? r : 0.0;
       for (int off = 16; off > 0; off >>= 1) {
-        s1 += __shfl_down_sync(0xffffffffu, s1, off);
-        s2 += __shfl_down_sync(0xffffffffu, s2, off);
+        s1 += shfl_down(s1, off);
+        s2 += shfl_down(s2, off);
       }
       if (i == 0) {
         t.red[65] = s1;
@@ -447,8 +485,8 @@ LPLB_HD void ldlt_subst(const Team& t, const double* A, int n, int lda, double* 
       double r = (two && has_lo) ? b2[lo] : 0.0, s = (two && has_hi) ? b2[hi] : 0.0;
       for (int k = 0; k < n; ++k) {
         const bool up = k >= 32;
-        const double x1 = __shfl_sync(0xffffffffu, up ? q : p, k & 31);
-        const double x2 = two ? __shfl_sync(0xffffffffu, up ? s : r, k & 31) : 0.0;
+        const double x1 = shfl(up ? q : p, k & 31);
+        const double x2 = two ? shfl(up ? s : r, k & 31) : 0.0;
         if (has_lo && lo > k) {
           const double l = A[k * lda + lo];
           p -= l * x1;
@@ -472,8 +510,8 @@ LPLB_HD void ldlt_subst(const Team& t, const double* A, int n, int lda, double* 
       }
       for (int k = n - 1; k > 0; --k) {
         const bool up = k >= 32;
-        const double x1 = __shfl_sync(0xffffffffu, up ? q : p, k & 31);
-        const double x2 = two ? __shfl_sync(0xffffffffu, up ? s : r, k & 31) : 0.0;
+        const double x1 = shfl(up ? q : p, k & 31);
+        const double x2 = two ? shfl(up ? s : r, k & 31) : 0.0;
         if (has_lo && lo < k) {
           const double l = A[lo * lda + k];
           p -= l * x1;
@@ -495,8 +533,8 @@ LPLB_HD void ldlt_subst(const Team& t, const double* A, int n, int lda, double* 
       }
       double s1 = p + q, s2 = r + s;
       for (int off = 16; off > 0; off >>= 1) {
-        s1 += __shfl_down_sync(0xffffffffu, s1, off);
-        s2 += __shfl_down_sync(0xffffffffu, s2, off);
+        s1 += shfl_down(s1, off);
+        s2 += shfl_down(s2, off);
       }
       if (lo == 0) {
         t.red[65] = s1;

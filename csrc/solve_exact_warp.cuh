@@ -162,8 +162,8 @@ __device__ __forceinline__ void setup(const View& v, const T* loads, Lane& L) {
   L.emask = (L.ehi >= 32 ? kFull : (1u << L.ehi) - 1u) & ~((1u << L.elo) - 1u);
   L.mult = L.has_edge ? static_cast<double>(v.edge_mult[lane]) : 0.0;
   L.pm = L.mult;
-  const double x0e = __shfl_sync(kFull, x0, L.em);
-  const double ce = __shfl_sync(kFull, L.demand, L.em);
+  const double x0e = shfl(x0, L.em);
+  const double ce = shfl(L.demand, L.em);
   L.x0 = L.has_edge ? x0e : 0.0;
   L.c = L.has_edge ? ce : 0.0;
   L.y = L.z = L.best = L.flow = L.mult * L.x0;
@@ -242,7 +242,7 @@ __device__ __forceinline__ void fista_sweep(const View& v, Lane& L, const Smem& 
                                             bool simplex) {
   const int e = threadIdx.x;
   rank_loads(v, L, sm, L.z);
-  const double ld = __shfl_sync(kFull, L.load, L.er);
+  const double ld = shfl(L.load, L.er);
   const double val = L.z - step * ld;
   if (L.has_edge) sm.e1[e] = val;
   __syncwarp();
@@ -263,11 +263,11 @@ __device__ double prefix_bound(const View& v, Lane& L, const Smem& sm, bool& pin
   const int R = v.R, lane = threadIdx.x;
   int pos = 0;
   for (int q = 0; q < R; ++q) {
-    const double lq = __shfl_sync(kFull, L.load, q);
+    const double lq = shfl(L.load, q);
     pos += (lq > L.load || (lq == L.load && q < lane)) ? 1 : 0;
   }
   // an expert's demand counts at the position where its last copy enters the order
-  const double pe = __shfl_sync(kFull, static_cast<double>(pos), L.er);
+  const double pe = shfl(static_cast<double>(pos), L.er);
   __syncwarp();  // (e0, e1: their last readers)
   if (L.has_edge) sm.e0[lane] = pe;
   __syncwarp();
@@ -308,7 +308,7 @@ __device__ __forceinline__ bool project_start(const View& v, Lane& L, const Smem
   // the prefix: the prefix's own load fills it exactly to the bound, so in any split
   // under the bound those edges carry 0.  The projection is the same with them cut
   // (the same unique point), and Newton need not find that out.
-  const double pin_r = __shfl_sync(kFull, L.pinned ? 1.0 : 0.0, L.er);
+  const double pin_r = shfl(L.pinned ? 1.0 : 0.0, L.er);
   const bool pin_e = L.has_edge && pin_r > 0.0;
   const unsigned pinned_edges = __ballot_sync(kFull, pin_e);
   const bool in = (pinned_edges & L.emask) != 0u, out = (~pinned_edges & L.emask) != 0u;
@@ -340,7 +340,7 @@ __device__ __forceinline__ int number_rows(Lane& L, const Smem& sm) {
   const unsigned act = __ballot_sync(kFull, L.active);
   L.cpos = L.active ? __popc(act & ((1u << lane) - 1u)) : -1;
   if (L.active) sm.owner[L.cpos] = lane;
-  const double row = __shfl_sync(kFull, static_cast<double>(L.cpos), L.er);
+  const double row = shfl(static_cast<double>(L.cpos), L.er);
   if (L.has_edge) sm.ecpos[lane] = static_cast<int>(row);
   return __popc(act);
 }
@@ -351,8 +351,8 @@ __device__ __forceinline__ int number_rows(Lane& L, const Smem& sm) {
 // (slots where s > 0) for the Newton rows.  acc: (max |g|, dual less its constant).
 __device__ __forceinline__ void gradient(const View& v, Lane& L, const Smem& sm, double (&acc)[2]) {
   const int lane = threadIdx.x;
-  const double a = __shfl_sync(kFull, L.alpha, L.em);
-  const double b = __shfl_sync(kFull, L.beta, L.er);
+  const double a = shfl(L.alpha, L.em);
+  const double b = shfl(L.beta, L.er);
   const double s = L.x0 + a + b;
   __syncwarp();  // (e0, e1: the previous iteration's readers)
   if (L.has_edge) {
@@ -425,13 +425,13 @@ __device__ double newton_step(const View& v, Lane& L, const Smem& sm, int n_act,
   const double rhs = L.active ? schur_row(v, L, sm, n_act, lda) : 0.0;
   __syncwarp();  // every row complete: lane k reads row k, built by its rank's lane
   LPLB_TICK(P, 5);
-  double x = __shfl_sync(kFull, rhs, lane < n_act ? sm.owner[lane] : 0);
+  double x = shfl(rhs, lane < n_act ? sm.owner[lane] : 0);
   // (as solve_pair.cuh: Gauss-Jordan over the warp up to 8 rows, shared memory above)
   x = n_act <= 8 ? pair::solve_gj8(sm.schur, n_act, lda, x) : pair::solve_spd(sm.schur, n_act, lda, x);
-  const double xr = __shfl_sync(kFull, x, L.active ? L.cpos : 0);
+  const double xr = shfl(x, L.active ? L.cpos : 0);
   L.d_b = L.active ? xr : 0.0;
   LPLB_TICK(P, 6);
-  const double db = __shfl_sync(kFull, L.d_b, L.er);
+  const double db = shfl(L.d_b, L.er);
   if (L.has_edge) sm.e2[lane] = db;  // (e2's last readers: behind the gradient pass's barriers)
   __syncwarp();
   double slope = 0.0;
@@ -497,8 +497,8 @@ __device__ bool newton(const View& v, Lane& L, const Smem& sm, int n_act, double
 // releasing it overshot).  Returns whether the set stays as it was.
 __device__ __forceinline__ bool settle(const View& v, Lane& L, const Smem& sm, double bound, double tol) {
   const int lane = threadIdx.x;
-  const double a = __shfl_sync(kFull, L.alpha, L.em);
-  const double b = __shfl_sync(kFull, L.beta, L.er);
+  const double a = shfl(L.alpha, L.em);
+  const double b = shfl(L.beta, L.er);
   const double s = L.x0 + a + b, sp = s > 0.0 ? s : 0.0;
   L.flow = L.pm * sp;
   __syncwarp();  // (e0, e1: the last gradient pass's readers)

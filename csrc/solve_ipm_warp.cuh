@@ -157,7 +157,7 @@ __device__ ipm::Result solve(const View& v, const T* loads, const Smem& sm, int 
     if (L.has_rank) mx[1] = L.f;
     wreduce<2, 3u>(mx);
     const double cnorm = 1.0 + blk::nanmax(blk::nanmax(mx[0], 0.0), mx[1]);
-    L.y = __shfl_sync(kFull, y0, L.em);
+    L.y = shfl(y0, L.em);
     if (L.has_edge) sm.y[lane] = L.y;
     const double load = L.f + pair::rank_sum(v, L, sm.y);
     double Tv = wmax(L.has_rank ? load : -HUGE_VAL);
@@ -195,7 +195,7 @@ __device__ ipm::Result solve(const View& v, const T* loads, const Smem& sm, int 
         L.z = L.z + ad * L.dz;
       }
       {
-        const double wr = __shfl_sync(kFull, L.w, L.er), lm = __shfl_sync(kFull, L.lam, L.em);
+        const double wr = shfl(L.w, L.er), lm = shfl(L.lam, L.em);
         const double iz = 1.0 / L.z, rd = (wr - lm) - L.z, xz = L.y * L.z;
         L.iy = 1.0 / L.y;
         L.iz = iz;
@@ -293,7 +293,7 @@ __device__ ipm::Result solve(const View& v, const T* loads, const Smem& sm, int 
         // ipm::direction: dw = u1 - dT' u2, dlambda, dx, dz; the predictor keeps dx dz
         DirSums ds;
         rank_direction(L, corr, smu, dTp, ds);
-        const double dwr = __shfl_sync(kFull, L.dw, L.er);
+        const double dwr = shfl(L.dw, L.er);
         if (L.has_edge) sm.dw[lane] = dwr;
         __syncwarp();
         if (L.has_exp) {
@@ -303,7 +303,7 @@ __device__ ipm::Result solve(const View& v, const T* loads, const Smem& sm, int 
         }
         __syncwarp();  // (sm.dw may be rewritten next)
         {
-          const double dl = __shfl_sync(kFull, L.dlam, L.em);
+          const double dl = shfl(L.dlam, L.em);
           const double x = L.y, z = L.z, xz = x * z;
           const double rc = corr ? (smu - xz) - L.aff : -xz;
           const double dx = L.d * (dl - dwr) + (rc - x * L.rd) * L.iz;

@@ -52,24 +52,24 @@ using Prof = blk::Prof<true>;  // phase timers of -DLPLB_PROF builds
 
 // Butterfly reductions; lane 0's result is broadcast so every lane holds the same bits.
 __device__ __forceinline__ double wsum(double v) {
-  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(kFull, v, off);
-  return __shfl_sync(kFull, v, 0);
+  for (int off = 16; off > 0; off >>= 1) v += shfl_xor(v, off);
+  return shfl(v, 0);
 }
 
 __device__ __forceinline__ double wmax(double v) {
-  for (int off = 16; off > 0; off >>= 1) v = blk::nanmax(v, __shfl_xor_sync(kFull, v, off));
-  return __shfl_sync(kFull, v, 0);
+  for (int off = 16; off > 0; off >>= 1) v = blk::nanmax(v, shfl_xor(v, off));
+  return shfl(v, 0);
 }
 
 // max and sum at once (independent chains, so the shuffles overlap)
 __device__ __forceinline__ void wmax_sum(double& mx, double& sm) {
   for (int off = 16; off > 0; off >>= 1) {
-    const double a = __shfl_xor_sync(kFull, mx, off), b = __shfl_xor_sync(kFull, sm, off);
+    const double a = shfl_xor(mx, off), b = shfl_xor(sm, off);
     mx = blk::nanmax(mx, a);
     sm += b;
   }
-  mx = __shfl_sync(kFull, mx, 0);
-  sm = __shfl_sync(kFull, sm, 0);
+  mx = shfl(mx, 0);
+  sm = shfl(sm, 0);
 }
 
 // N warp reductions at once (independent chains, so the shuffles overlap): slot k is a
@@ -80,12 +80,12 @@ __device__ __forceinline__ void wreduce(double (&acc)[N]) {
   for (int off = 16; off > 0; off >>= 1) {
     double o[N];
 LPLB_PRAGMA(unroll)
-    for (int k = 0; k < N; ++k) o[k] = __shfl_xor_sync(kFull, acc[k], off);
+    for (int k = 0; k < N; ++k) o[k] = shfl_xor(acc[k], off);
 LPLB_PRAGMA(unroll)
     for (int k = 0; k < N; ++k) acc[k] = ((kMaxMask >> k) & 1u) ? blk::nanmax(acc[k], o[k]) : acc[k] + o[k];
   }
 LPLB_PRAGMA(unroll)
-  for (int k = 0; k < N; ++k) acc[k] = __shfl_sync(kFull, acc[k], 0);
+  for (int k = 0; k < N; ++k) acc[k] = shfl(acc[k], 0);
 }
 
 // A x = b for SPD A (n <= 32, row i at A + i * lda), one warp; lane i passes b[i] and
@@ -106,7 +106,7 @@ __device__ __forceinline__ double solve_spd(double* A, int n, int lda, double rh
     const double d = rk[k];
     const double inv = 1.0 / (d > 0.0 ? d : 1e-300);
     if (i == k) my_inv = inv;
-    const double bk = __shfl_sync(kFull, r, k);
+    const double bk = shfl(r, k);
     if (has && i > k) {
       const double f = row[k] * inv;
       for (int j = k + 1; j < n; ++j) row[j] -= f * rk[j];
@@ -117,7 +117,7 @@ __device__ __forceinline__ double solve_spd(double* A, int n, int lda, double rh
   double x = 0.0;
   for (int k = n - 1; k >= 0; --k) {
     if (i == k) x = r * my_inv;
-    const double xk = __shfl_sync(kFull, x, k);
+    const double xk = shfl(x, k);
     if (has && i < k) r -= row[k] * xk;
   }
   __syncwarp();  // A may be rebuilt next
@@ -147,15 +147,15 @@ __device__ __forceinline__ double solve_gj8(const double* A, int n, int lda, dou
   const double* row = A + static_cast<size_t>(i < n ? i : 0) * lda;
   double a0 = (i < n && c < n) ? row[c] : (i == c ? 1.0 : 0.0);
   double a1 = (i < n && c + 4 < n) ? row[c + 4] : (i == c + 4 ? 1.0 : 0.0);
-  double b = __shfl_sync(kFull, l < n ? rhs : 0.0, i);
+  double b = shfl(l < n ? rhs : 0.0, i);
 LPLB_PRAGMA(unroll)
   for (int k = 0; k < 8; ++k) {
     if (k >= n) break;
     const int src = 4 * k + c;
-    const double dkk = __shfl_sync(kFull, k < 4 ? a0 : a1, 4 * k + (k & 3));
-    const double mik = __shfl_sync(kFull, k < 4 ? a0 : a1, 4 * i + (k & 3));
-    const double p0 = __shfl_sync(kFull, a0, src), p1 = __shfl_sync(kFull, a1, src);
-    const double bk = __shfl_sync(kFull, b, 4 * k);
+    const double dkk = shfl(k < 4 ? a0 : a1, 4 * k + (k & 3));
+    const double mik = shfl(k < 4 ? a0 : a1, 4 * i + (k & 3));
+    const double p0 = shfl(a0, src), p1 = shfl(a1, src);
+    const double bk = shfl(b, 4 * k);
     const double inv = 1.0 / (dkk > 0.0 ? dkk : 1e-300);
     // row k: p / pivot; the others: a - (multiplier / pivot) p (selects, not a branch)
     const bool piv = i == k;
@@ -164,7 +164,7 @@ LPLB_PRAGMA(unroll)
     a1 = (piv ? 0.0 : a1) - f * p1;
     b = (piv ? 0.0 : b) - f * bk;
   }
-  const double x = __shfl_sync(kFull, b, 4 * (l & 7));
+  const double x = shfl(b, 4 * (l & 7));
   __syncwarp();  // A may be rebuilt next
   return l < n ? x : 0.0;
 }
@@ -198,10 +198,10 @@ LPLB_PRAGMA(unroll)
   if (i == 0) recip(a[0]);
 LPLB_PRAGMA(unroll)
   for (int k = 0; k < NR - 1; ++k) {
-    const double ik = __shfl_sync(kFull, inv, k);
+    const double ik = shfl(inv, k);
     double rk[NR];
 LPLB_PRAGMA(unroll)
-    for (int j = k + 1; j < NR; ++j) rk[j] = __shfl_sync(kFull, a[j], k);
+    for (int j = k + 1; j < NR; ++j) rk[j] = shfl(a[j], k);
     if (i > k) {
       const double l = a[k] * ik;
       a[k] = l;
@@ -223,8 +223,8 @@ __device__ __forceinline__ void subst_reg(const double (&a)[NR], int n, double i
   double p = i < n ? b1 : 0.0, q = (two && i < n) ? b2 : 0.0;
 LPLB_PRAGMA(unroll)
   for (int k = 0; k < NR - 1; ++k) {
-    const double pk = __shfl_sync(kFull, p, k);
-    const double qk = two ? __shfl_sync(kFull, q, k) : 0.0;
+    const double pk = shfl(p, k);
+    const double qk = two ? shfl(q, k) : 0.0;
     if (i > k) {
       p -= a[k] * pk;
       q -= a[k] * qk;
@@ -238,8 +238,8 @@ LPLB_PRAGMA(unroll)
       x1 = p * inv;
       x2 = q * inv;
     }
-    const double v1 = __shfl_sync(kFull, x1, k);
-    const double v2 = two ? __shfl_sync(kFull, x2, k) : 0.0;
+    const double v1 = shfl(x1, k);
+    const double v2 = two ? shfl(x2, k) : 0.0;
     if (i < k) {
       p -= a[k] * v1;
       q -= a[k] * v2;
@@ -331,8 +331,8 @@ LPLB_PRAGMA(unroll)
 // A rank lane's register at each expert's two ranks.
 template <typename Ln>
 __device__ __forceinline__ void at_ranks(const Ln& L, double rank_val, int j, double& va, double& vb) {
-  va = __shfl_sync(kFull, rank_val, L.ra[j]);
-  vb = __shfl_sync(kFull, rank_val, L.rb[j]);
+  va = shfl(rank_val, L.ra[j]);
+  vb = shfl(rank_val, L.rb[j]);
 }
 
 // A lane's rank (lane < R): its edges (rank_edges order, up to kMaxDegree in
@@ -355,7 +355,7 @@ LPLB_PRAGMA(unroll)
   while (Rp < v.R) Rp <<= 1;
   const int rr = lane & (Rp - 1), G = 32 / Rp;
   double fs = rr < v.R ? fixed_load(v, loads, rr, lane / Rp, G) : 0.0;
-  for (int off = Rp; off < 32; off <<= 1) fs += __shfl_xor_sync(kFull, fs, off);
+  for (int off = Rp; off < 32; off <<= 1) fs += shfl_xor(fs, off);
   L.fixed = L.has_rank ? fs : 0.0;
 }
 
@@ -396,7 +396,7 @@ __device__ double prefix_bound(const View& v, Lane<J>& L, const Smem& sm, bool& 
   const int R = v.R;
   int pos = 0;
   for (int q = 0; q < R; ++q) {
-    const double lq = __shfl_sync(kFull, L.load, q);
+    const double lq = shfl(L.load, q);
     pos += (lq > L.load || (lq == L.load && q < static_cast<int>(threadIdx.x))) ? 1 : 0;
   }
   // each expert's demand counts at its later rank in the order
@@ -596,9 +596,9 @@ LPLB_PRAGMA(unroll)
       }
       LPLB_TICK(P, 5);
       // lane k solves for row k (its rank's right-hand side comes by shuffle)
-      double x = __shfl_sync(kFull, rhs, r < n_act ? sm.owner[r] : 0);
+      double x = shfl(rhs, r < n_act ? sm.owner[r] : 0);
       x = n_act <= 8 ? solve_gj8(sm.schur, n_act, lda, x) : solve_spd(sm.schur, n_act, lda, x);
-      const double xr = __shfl_sync(kFull, x, L.active ? cpos : 0);
+      const double xr = shfl(x, L.active ? cpos : 0);
       L.d_b = L.active ? xr : 0.0;  // (so the experts need not look up activity)
       LPLB_TICK(P, 6);
       // expert direction, the slope g . d, and the full step

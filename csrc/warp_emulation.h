@@ -98,6 +98,17 @@ inline double __shfl_sync(unsigned, double v, int src, int line = __builtin_LINE
 inline double __shfl_xor_sync(unsigned, double v, int mask, int line = __builtin_LINE()) {
   return ::lplb::emu::meet(v, ::lplb::emu::t_lane ^ mask, line);
 }
+// block_ops.cuh's shuffles, with the caller's line
+namespace lplb {
+template <typename T>
+inline T shfl(T v, int src, int line = __builtin_LINE()) {
+  return static_cast<T>(__shfl_sync(0xffffffffu, static_cast<double>(v), src, line));
+}
+template <typename T>
+inline T shfl_xor(T v, int mask, int line = __builtin_LINE()) {
+  return static_cast<T>(__shfl_xor_sync(0xffffffffu, static_cast<double>(v), mask, line));
+}
+}  // namespace lplb
 inline unsigned __ballot_sync(unsigned, int pred, int line = __builtin_LINE()) {
   return ::lplb::emu::ballot(pred, line);
 }
