@@ -146,12 +146,12 @@ LPLB_PRAGMA(unroll)
 
 // pair::subst_reg in place (lanes from n on keep b1, b2), and the sums of the
 // solutions' entries in sums[0], sums[1].
-template <int NR>
-__device__ __forceinline__ void subst_reg(const double (&a)[NR], int n, double inv, bool two, double& b1,
-                                          double& b2, double (&sums)[2]) {
+template <int NR, bool two>
+__device__ __forceinline__ void subst_reg(const double (&a)[NR], int n, double inv, double& b1, double& b2,
+                                          double (&sums)[2]) {
   const int i = threadIdx.x;
   double x1, x2;
-  pair::subst_reg<NR>(a, n, inv, two, b1, b2, x1, x2);
+  pair::subst_reg<NR, two>(a, n, inv, b1, b2, x1, x2);
   if (i < n) {
     b1 = x1;
     if (two) b2 = x2;
@@ -575,7 +575,10 @@ LPLB_PRAGMA(unroll)
           rank_corrector_rhs(L, smu, gh);
         }
         LPLB_TICK(P, 5);
-        subst_reg<NR>(a_reg, R, inv, !corr, L.u1, L.u2, us);
+        if (corr)
+          subst_reg<NR, false>(a_reg, R, inv, L.u1, L.u2, us);
+        else
+          subst_reg<NR, true>(a_reg, R, inv, L.u1, L.u2, us);
         if (!corr) u2sum = us[1];
         dTp = (us[0] - rT) / u2sum;
         // ipm::direction: dw = u1 - dT' u2, dlambda, dx, dz; the predictor keeps dx dz

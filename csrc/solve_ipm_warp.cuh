@@ -287,7 +287,10 @@ __device__ ipm::Result solve(const View& v, const T* loads, const Smem& sm, int 
           rank_sums(v, L, plain, sm.da, sm.h, gh);
           rank_corrector_rhs(L, smu, gh);
         }
-        subst_reg<NR>(a_reg, R, inv, !corr, L.u1, L.u2, us);
+        if (corr)
+          subst_reg<NR, false>(a_reg, R, inv, L.u1, L.u2, us);
+        else
+          subst_reg<NR, true>(a_reg, R, inv, L.u1, L.u2, us);
         if (!corr) u2sum = us[1];
         dTp = (us[0] - rT) / u2sum;
         // ipm::direction: dw = u1 - dT' u2, dlambda, dx, dz; the predictor keeps dx dz

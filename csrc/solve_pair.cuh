@@ -214,17 +214,19 @@ LPLB_PRAGMA(unroll)
   return i < n && my_bad;
 }
 
-// Solves A x = b with factor_reg's factor: lane i passes b1[i] (and b2[i] when two)
-// and gets x1[i] (and x2[i]); lanes from n on pass anything.
-template <int NR>
-__device__ __forceinline__ void subst_reg(const double (&a)[NR], int n, double inv, bool two, double b1, double b2,
-                                          double& x1, double& x2) {
+// Solves A x = b with factor_reg's factor: lane i passes b1[i] (and b2[i] when kTwo)
+// and gets x1[i] (and x2[i]); lanes from n on pass anything.  (kTwo is a template
+// argument: as a runtime flag each step branched around the second right-hand side's
+// shuffles, and the branch sat on the substitution's chain.)
+template <int NR, bool kTwo>
+__device__ __forceinline__ void subst_reg(const double (&a)[NR], int n, double inv, double b1, double b2, double& x1,
+                                          double& x2) {
   const int i = threadIdx.x;
-  double p = i < n ? b1 : 0.0, q = (two && i < n) ? b2 : 0.0;
+  double p = i < n ? b1 : 0.0, q = (kTwo && i < n) ? b2 : 0.0;
 LPLB_PRAGMA(unroll)
   for (int k = 0; k < NR - 1; ++k) {
     const double pk = shfl(p, k);
-    const double qk = two ? shfl(q, k) : 0.0;
+    const double qk = kTwo ? shfl(q, k) : 0.0;
     if (i > k) {
       p -= a[k] * pk;
       q -= a[k] * qk;
@@ -239,7 +241,7 @@ LPLB_PRAGMA(unroll)
       x2 = q * inv;
     }
     const double v1 = shfl(x1, k);
-    const double v2 = two ? shfl(x2, k) : 0.0;
+    const double v2 = kTwo ? shfl(x2, k) : 0.0;
     if (i < k) {
       p -= a[k] * v1;
       q -= a[k] * v2;
