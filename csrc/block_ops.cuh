@@ -63,7 +63,7 @@ __device__ __forceinline__ double shfl_down(double v, unsigned delta) {
   const int hi = __shfl_down_sync(0xffffffffu, __double2hiint(v), delta);
   return __hiloint2double(hi, lo);
 }
-#endif  // (the CPU build of the one-warp solvers: warp_emulation.h)
+#endif  // __CUDA_ARCH__ (the one-warp solvers' CPU build takes them from warp_emulation.h)
 
 namespace blk {
 

@@ -146,17 +146,17 @@ LPLB_PRAGMA(unroll)
 
 // pair::subst_reg in place (lanes from n on keep b1, b2), and the sums of the
 // solutions' entries in sums[0], sums[1].
-template <int NR, bool two>
+template <int NR, bool kTwo>
 __device__ __forceinline__ void subst_reg(const double (&a)[NR], int n, double inv, double& b1, double& b2,
                                           double (&sums)[2]) {
   const int i = threadIdx.x;
   double x1, x2;
-  pair::subst_reg<NR, two>(a, n, inv, b1, b2, x1, x2);
+  pair::subst_reg<NR, kTwo>(a, n, inv, b1, b2, x1, x2);
   if (i < n) {
     b1 = x1;
-    if (two) b2 = x2;
+    if (kTwo) b2 = x2;
   }
-  double s[2] = {i < n ? x1 : 0.0, (two && i < n) ? x2 : 0.0};
+  double s[2] = {i < n ? x1 : 0.0, (kTwo && i < n) ? x2 : 0.0};
   wreduce<2, 0u>(s);
   sums[0] = s[0];
   sums[1] = s[1];
