@@ -162,6 +162,17 @@ __device__ __forceinline__ void subst_reg(const double (&a)[NR], int n, double i
   sums[1] = s[1];
 }
 
+// The predictor's substitutions (u1 and u2 = 1) or the corrector's (u1 only), the
+// second right-hand side a compile-time choice (pair::subst_reg).
+template <int NR>
+__device__ __forceinline__ void subst_phase(bool corr, const double (&a)[NR], int n, double inv, double& u1,
+                                            double& u2, double (&sums)[2]) {
+  if (corr)
+    subst_reg<NR, false>(a, n, inv, u1, u2, sums);
+  else
+    subst_reg<NR, true>(a, n, inv, u1, u2, sums);
+}
+
 // ---- the rank lane's part of each pass, the same in both one-warp solvers
 // (solve_ipm_warp.cuh too); Ln: a lane with the rank fields of Lane<J>.
 
@@ -575,10 +586,7 @@ LPLB_PRAGMA(unroll)
           rank_corrector_rhs(L, smu, gh);
         }
         LPLB_TICK(P, 5);
-        if (corr)
-          subst_reg<NR, false>(a_reg, R, inv, L.u1, L.u2, us);
-        else
-          subst_reg<NR, true>(a_reg, R, inv, L.u1, L.u2, us);
+        subst_phase<NR>(corr, a_reg, R, inv, L.u1, L.u2, us);
         if (!corr) u2sum = us[1];
         dTp = (us[0] - rT) / u2sum;
         // ipm::direction: dw = u1 - dT' u2, dlambda, dx, dz; the predictor keeps dx dz

@@ -63,7 +63,7 @@ using ipm_pair::rank_shift;
 using ipm_pair::rank_start;
 using ipm_pair::rank_sums;
 using ipm_pair::rank_update;
-using ipm_pair::subst_reg;
+using ipm_pair::subst_phase;
 using pair::wreduce;
 
 // Registers of lane l: rank l, expert l, edge l.  Names as ipm::Work's arrays.
@@ -287,10 +287,7 @@ __device__ ipm::Result solve(const View& v, const T* loads, const Smem& sm, int 
           rank_sums(v, L, plain, sm.da, sm.h, gh);
           rank_corrector_rhs(L, smu, gh);
         }
-        if (corr)
-          subst_reg<NR, false>(a_reg, R, inv, L.u1, L.u2, us);
-        else
-          subst_reg<NR, true>(a_reg, R, inv, L.u1, L.u2, us);
+        subst_phase<NR>(corr, a_reg, R, inv, L.u1, L.u2, us);
         if (!corr) u2sum = us[1];
         dTp = (us[0] - rT) / u2sum;
         // ipm::direction: dw = u1 - dT' u2, dlambda, dx, dz; the predictor keeps dx dz
