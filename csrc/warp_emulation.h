@@ -1,5 +1,6 @@
 // One CUDA warp emulated by 32 host threads, so that warp-synchronous device code
-// (solve_pair.cuh) also builds as a CPU program for the tests (CI has no GPU).
+// (solve_pair.cuh) also builds as a CPU program for the tests (CI has no GPU); or a
+// block of several such warps with a block-wide barrier (team_inverse.cuh's team).
 //
 // Each lane is a std::thread.  __syncwarp and every shuffle meet at a barrier, where
 // lane 0 also checks that all lanes came from the same source line: a shuffle or
@@ -27,12 +28,18 @@ struct Warp {
 };
 
 inline thread_local int t_lane = 0;
+inline thread_local int t_tid = 0;  // thread index in the block
 inline thread_local Warp* t_warp = nullptr;
+inline thread_local std::barrier<>* t_named[3] = {nullptr, nullptr, nullptr};
 
 struct ThreadIdx {
   int x;
 };
-inline ThreadIdx thread_idx() { return ThreadIdx{t_lane}; }
+inline ThreadIdx thread_idx() { return ThreadIdx{t_tid}; }
+
+// The device's named barriers as team_inverse.cuh uses them: 1 is every thread of the
+// block, 2 every thread of warps 1 .. (its helpers).
+inline void named_bar(int id) { t_named[id]->arrive_and_wait(); }
 
 // Every lane publishes (value, source line); read(slots) runs on every lane once all
 // have published, and its result is returned.
@@ -70,19 +77,27 @@ inline unsigned ballot(int pred, int line) {
   });
 }
 
-// f() on 32 lanes of one warp, in parallel; returns when all have returned.
-inline void run_warp(const std::function<void()>& f) {
-  Warp w;
-  std::vector<std::thread> lanes;
-  lanes.reserve(32);
-  for (int l = 0; l < 32; ++l)
-    lanes.emplace_back([&, l] {
-      t_lane = l;
-      t_warp = &w;
+// f() on every thread of a block of n_warps warps, in parallel; returns when all have
+// returned.
+inline void run_block(int n_warps, const std::function<void()>& f) {
+  std::vector<Warp> warps(n_warps);
+  std::barrier<> block(32 * n_warps), helpers(n_warps > 1 ? 32 * (n_warps - 1) : 1);
+  std::vector<std::thread> threads;
+  threads.reserve(32 * n_warps);
+  for (int t = 0; t < 32 * n_warps; ++t)
+    threads.emplace_back([&, t] {
+      t_lane = t & 31;
+      t_tid = t;
+      t_warp = &warps[t >> 5];
+      t_named[1] = &block;
+      t_named[2] = &helpers;
       f();
     });
-  for (auto& t : lanes) t.join();
+  for (auto& t : threads) t.join();
 }
+
+// f() on 32 lanes of one warp, in parallel; returns when all have returned.
+inline void run_warp(const std::function<void()>& f) { run_block(1, f); }
 
 }  // namespace emu
 }  // namespace lplb
