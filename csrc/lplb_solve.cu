@@ -1,7 +1,8 @@
 // Solve kernels: one thread block per connected component of the replica graph
 // (solve_exact.cuh, solve_ipm.cuh; one warp for small components: solve_pair.cuh and
 // solve_ipm_pair.cuh when two-copy, solve_exact_warp.cuh and solve_ipm_warp.cuh
-// otherwise), then one thread per logical expert turns the edge flow into the
+// otherwise, the one-warp IPMs with four helper warps for their Newton systems beyond
+// 16 ranks: team_inverse.cuh), then one thread per logical expert turns the edge flow into the
 // per-slot split and the cumulative copy shares the map kernel reads.  No host sync.
 #include <cuda_runtime.h>
 
@@ -16,6 +17,7 @@
 #include "solve_ipm_pair.cuh"
 #include "solve_ipm_warp.cuh"
 #include "solve_pair.cuh"
+#include "team_inverse.cuh"
 
 namespace lplb {
 namespace {
@@ -130,20 +132,54 @@ __global__ void __launch_bounds__(kIpmThreads, 1) ipm_kernel(CompArrays a, const
   write_out(team, v, c, w.flow, w.load, r.converged, r.objective, r.iterations, 0, out);
 }
 
+// The one-warp IPM kernels' body after the setup: the solver run by warp 0 (solve()
+// -> ipm::Result) while, for the instances with helper warps (ipm_pair::kUsesTeam:
+// kTeam), the others serve its Newton matrix (team_inverse.cuh); then the answer to
+// out, written by the whole block.
+#if defined(__CUDA_ARCH__)  // (the one-warp solvers are device code only)
+template <bool kTeam, typename Sm, typename Solve>
+__device__ __forceinline__ void run_ipm_warp(const blk::Team& team, const View& v, const Sm& sm, int c,
+                                             const SolveOut& out, Solve&& solve) {
+  if constexpr (kTeam) {
+    __shared__ double res[3];  // warp 0's ipm::Result for the whole block
+    if (threadIdx.x < 32) {
+      const ipm::Result r = solve();
+      team_inverse::dismiss(sm.team);
+      if (threadIdx.x == 0) {
+        res[0] = r.converged;
+        res[1] = r.objective;
+        res[2] = r.iterations;
+      }
+    } else {
+      team_inverse::serve(sm.schur, v.R, v.R + 1, sm.team);
+    }
+    __syncthreads();
+    write_out(team, v, c, sm.flow, sm.load, static_cast<int>(res[0]), res[1], static_cast<int>(res[2]), 0, out);
+  } else {
+    const ipm::Result r = solve();
+    write_out(team, v, c, sm.flow, sm.load, r.converged, r.objective, r.iterations, 0, out);
+  }
+}
+#endif
+
+// Threads of a one-warp IPM block for at most NR ranks: one warp, or with helpers.
+template <int NR>
+constexpr int kIpmWarpThreads = ipm_pair::kUsesTeam<NR> ? team_inverse::kThreads : 32;
+
 // The IPM in one warp per component, every component small and two-copy
-// (solve_ipm_pair.cuh); J experts per lane, at most NR ranks (the factor's registers).
+// (solve_ipm_pair.cuh); J experts per lane, at most NR ranks.
 template <int J, int NR, typename T>
-__global__ void __launch_bounds__(32, 1) ipm_pair_kernel(CompArrays a, const T* loads, int max_iters, double tol,
-                                                      SolveOut out) {
+__global__ void __launch_bounds__(kIpmWarpThreads<NR>, 1)
+    ipm_pair_kernel(CompArrays a, const T* loads, int max_iters, double tol, SolveOut out) {
   extern __shared__ double smem[];
   const int c = blockIdx.x;
   blk::Team team{smem};
   const View v = begin_solve(team, a, smem, false, 0);
   ipm_pair::Smem sm;
-  ipm_pair::Smem::layout(&sm, scratch(smem), v.R, v.E);
+  ipm_pair::Smem::layout(&sm, scratch(smem), v.R, v.E, ipm_pair::kUsesTeam<NR>);
 #if defined(__CUDA_ARCH__)  // (ipm_pair::solve is device code only)
-  const ipm::Result r = ipm_pair::solve<J, NR>(v, loads, sm, max_iters, tol);
-  write_out(team, v, c, sm.flow, sm.load, r.converged, r.objective, r.iterations, 0, out);
+  run_ipm_warp<ipm_pair::kUsesTeam<NR>>(team, v, sm, c, out,
+                                          [&] { return ipm_pair::solve<J, NR>(v, loads, sm, max_iters, tol); });
 #endif
 }
 
@@ -151,17 +187,17 @@ __global__ void __launch_bounds__(32, 1) ipm_pair_kernel(CompArrays a, const T* 
 // expert; solve_ipm_warp.cuh), at most NR ranks.  The index arrays are staged in
 // shared memory after the scratch (work_bytes of it).
 template <int NR, typename T>
-__global__ void __launch_bounds__(32, 1) ipm_warp_kernel(CompArrays a, const T* loads, int max_iters, double tol,
-                                                      SolveOut out, size_t work_bytes) {
+__global__ void __launch_bounds__(kIpmWarpThreads<NR>, 1)
+    ipm_warp_kernel(CompArrays a, const T* loads, int max_iters, double tol, SolveOut out, size_t work_bytes) {
   extern __shared__ double smem[];
   const int c = blockIdx.x;
   blk::Team team{smem};
   const View v = begin_solve(team, a, smem, true, work_bytes);
   ipm_warp::Smem sm;
-  ipm_warp::Smem::layout(&sm, scratch(smem), v.R, v.E);
+  ipm_warp::Smem::layout(&sm, scratch(smem), v.R, v.E, ipm_pair::kUsesTeam<NR>);
 #if defined(__CUDA_ARCH__)  // (ipm_warp::solve is device code only)
-  const ipm::Result r = ipm_warp::solve<NR>(v, loads, sm, max_iters, tol);
-  write_out(team, v, c, sm.flow, sm.load, r.converged, r.objective, r.iterations, 0, out);
+  run_ipm_warp<ipm_pair::kUsesTeam<NR>>(team, v, sm, c, out,
+                                          [&] { return ipm_warp::solve<NR>(v, loads, sm, max_iters, tol); });
 #endif
 }
 
@@ -329,19 +365,23 @@ cudaError_t launch(const CompArrays& a, const SolveSizes& sz, const T* loads, in
                          sz.max_experts <= ipm_warp::kMaxExperts && sz.max_edges <= ipm_warp::kMaxEdges;
   const bool small_any_exact = inside && sz.one_warp && fits_exact_warp(sz);
   if (method == 1 && small_pairs) {
-    const size_t bytes = head + ipm_pair::Smem::layout(nullptr, nullptr, sz.max_ranks, sz.max_edges);
+    const bool team = sz.max_ranks > ipm_pair::kTeamRanks;
+    const size_t bytes = head + ipm_pair::Smem::layout(nullptr, nullptr, sz.max_ranks, sz.max_edges, team);
     const bool j1 = sz.max_experts <= 32;
     auto kernel = sz.max_ranks <= 8    ? (j1 ? ipm_pair_kernel<1, 8, T> : ipm_pair_kernel<2, 8, T>)
                   : sz.max_ranks <= 16 ? (j1 ? ipm_pair_kernel<1, 16, T> : ipm_pair_kernel<2, 16, T>)
                                        : (j1 ? ipm_pair_kernel<1, 32, T> : ipm_pair_kernel<2, 32, T>);
-    return launch_solve(kernel, a.n_comp, 32, bytes, stream, a, loads, ipm_max_iters, ipm_tol, out);
+    return launch_solve(kernel, a.n_comp, team ? team_inverse::kThreads : 32, bytes, stream, a, loads, ipm_max_iters,
+                        ipm_tol, out);
   } else if (method == 1 && small_any) {
-    const size_t work = ipm_warp::Smem::layout(nullptr, nullptr, sz.max_ranks, sz.max_edges);
+    const bool team = sz.max_ranks > ipm_pair::kTeamRanks;
+    const size_t work = ipm_warp::Smem::layout(nullptr, nullptr, sz.max_ranks, sz.max_edges, team);
     const size_t bytes = head + work + staged;
     auto kernel = sz.max_ranks <= 8    ? ipm_warp_kernel<8, T>
                   : sz.max_ranks <= 16 ? ipm_warp_kernel<16, T>
                                        : ipm_warp_kernel<32, T>;
-    return launch_solve(kernel, a.n_comp, 32, bytes, stream, a, loads, ipm_max_iters, ipm_tol, out, work);
+    return launch_solve(kernel, a.n_comp, team ? team_inverse::kThreads : 32, bytes, stream, a, loads, ipm_max_iters,
+                        ipm_tol, out, work);
   } else if (method == 1) {
     const size_t bytes = head + (plan.where == kAllGlobal ? 0 : work_bytes(1, sz, inside));
     auto kernel = plan.where == kAllShared    ? ipm_kernel<T, kAllShared>

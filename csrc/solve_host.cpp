@@ -72,19 +72,41 @@ auto on_warp(F&& f) {
   return r;
 }
 
-// solve(view, sm) -> ipm::Result for every component on one emulated warp, with a
-// one-warp IPM's shared arrays (Smem) in a host buffer; the view staged first when
-// `stage` (as the kernel does); the answer to out.
+// f() on an emulated block with helper warps (team_inverse.cuh: warp 0 runs it, the
+// helpers serve the Newton matrix in sm.schur, n x n, until warp 0 dismisses them);
+// lane 0's result.
+template <typename Smem, typename F>
+auto on_team(const Smem& sm, int n, F&& f) {
+  namespace ti = lplb::team_inverse;
+  decltype(f()) r{};
+  lplb::emu::run_block(1 + ti::kHelpers, [&] {
+    if (lplb::emu::t_tid < 32) {
+      const auto lane_r = f();
+      ti::dismiss(sm.team);
+      if (lplb::emu::t_tid == 0) r = lane_r;
+    } else {
+      ti::serve(sm.schur, n, n + 1, sm.team);
+    }
+  });
+  return r;
+}
+
+// solve(view, sm) -> ipm::Result for every component on one emulated warp (on a team
+// when `team`, as the kernels with ipm_pair::kUsesTeam run), with a one-warp IPM's
+// shared arrays (Smem) in a host buffer; the view staged first when `stage` (as the
+// kernel does); the answer to out.
 template <typename Smem, typename Solve>
-void each_warp_ipm_component(const lplb::CompArrays& a, const lplb::SolveOut& out, bool stage, Solve&& solve) {
-  each_component(a, [&](const lplb::blk::Team& team, const lplb::View& g, int c) {
+void each_warp_ipm_component(const lplb::CompArrays& a, const lplb::SolveOut& out, bool stage, bool team,
+                             Solve&& solve) {
+  each_component(a, [&](const lplb::blk::Team& t, const lplb::View& g, int c) {
     std::vector<int> staged(stage ? lplb::View::staged_ints(g.R, g.M, g.E) : 0);
-    const lplb::View v = stage ? g.stage(team, staged.data()) : g;
-    std::vector<double> buf(Smem::layout(nullptr, nullptr, v.R, v.E) / sizeof(double) + 1);
+    const lplb::View v = stage ? g.stage(t, staged.data()) : g;
+    std::vector<double> buf(Smem::layout(nullptr, nullptr, v.R, v.E, team) / sizeof(double) + 1);
     Smem sm;
-    Smem::layout(&sm, reinterpret_cast<char*>(buf.data()), v.R, v.E);
-    const lplb::ipm::Result r = on_warp([&] { return solve(v, sm); });
-    lplb::write_out(team, v, c, sm.flow, sm.load, r.converged, r.objective, r.iterations, 0, out);
+    Smem::layout(&sm, reinterpret_cast<char*>(buf.data()), v.R, v.E, team);
+    const lplb::ipm::Result r =
+        team ? on_team(sm, v.R, [&] { return solve(v, sm); }) : on_warp([&] { return solve(v, sm); });
+    lplb::write_out(t, v, c, sm.flow, sm.load, r.converged, r.objective, r.iterations, 0, out);
   });
 }
 
@@ -192,7 +214,8 @@ int lplb_solve_ipm_pair_host(LPLB_HOST_ARRAYS, const double* loads, int max_iter
   const Largest l = largest(a);
   if (l.R > lplb::pair::kMaxRanks || l.M > lplb::pair::kMaxExperts) return 1;
   // J and the factor's registers (NR) as the CUDA launcher picks them
-  each_warp_ipm_component<ip::Smem>(a, out, false, [&](const lplb::View& v, const ip::Smem& sm) {
+  each_warp_ipm_component<ip::Smem>(a, out, false, l.R > ip::kTeamRanks, [&](const lplb::View& v,
+                                                                              const ip::Smem& sm) {
     if (l.M <= 32)
       return l.R <= 8    ? ip::solve<1, 8>(v, loads, sm, max_iters, tol)
              : l.R <= 16 ? ip::solve<1, 16>(v, loads, sm, max_iters, tol)
@@ -214,7 +237,8 @@ int lplb_solve_ipm_warp_host(LPLB_HOST_ARRAYS, const double* loads, int max_iter
   const Largest l = largest(a);
   if (l.R > iw::kMaxRanks || l.M > iw::kMaxExperts || l.E > iw::kMaxEdges) return 1;
   // the factor's registers (NR) as the CUDA launcher picks them
-  each_warp_ipm_component<iw::Smem>(a, out, true, [&](const lplb::View& v, const iw::Smem& sm) {
+  each_warp_ipm_component<iw::Smem>(a, out, true, l.R > lplb::ipm_pair::kTeamRanks,
+                                    [&](const lplb::View& v, const iw::Smem& sm) {
     return l.R <= 8    ? iw::solve<8>(v, loads, sm, max_iters, tol)
            : l.R <= 16 ? iw::solve<16>(v, loads, sm, max_iters, tol)
                        : iw::solve<32>(v, loads, sm, max_iters, tol);

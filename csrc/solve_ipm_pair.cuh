@@ -17,19 +17,23 @@
 //
 // The Schur matrix S~ is built row by row (lane r writes row r, its entries summed
 // in expert order as ipm::assemble sums them) and both triangles get the value
-// ipm::assemble gives the lower one.  It is factored by Gaussian elimination without
-// pivoting, row i in lane i's registers (factor_reg), keeping the multipliers, so
-// that the predictor's two right-hand sides and the corrector's one are substituted
-// with the same factor; pivots <= 0 are counted and regularised exactly as
-// blk::ldlt_factor and ipm::factor do.  Differences from ipm::solve are rounding only
+// ipm::assemble gives the lower one.  Up to 16 ranks it is factored by Gaussian
+// elimination without pivoting, row i in lane i's registers (factor_reg), keeping the
+// multipliers, so that the predictor's two right-hand sides and the corrector's one
+// are substituted with the same factor; beyond, helper warps invert it and apply the
+// inverse (team_inverse.cuh, NewtonFactor below).  Pivots <= 0 are counted and
+// regularised exactly as blk::ldlt_factor and ipm::factor do.  Differences from ipm::solve are rounding only
 // (sums in another order, the elimination's upper triangle instead of L D L^T): the
 // tests compare the two builds on every two-copy placement.
 #pragma once
+
+#include <type_traits>
 
 #include "block_ops.cuh"
 #include "solve_ipm.cuh"
 #include "solve_pair.cuh"
 #include "solve_view.cuh"
+#include "team_inverse.cuh"
 
 namespace lplb {
 namespace ipm_pair {
@@ -38,14 +42,24 @@ using pair::kMaxDegree;
 using pair::kMaxExperts;
 using pair::kMaxRanks;
 
-// Shared arrays of one block.  Sizes: E edges, R ranks.
+// The one-warp IPMs solve their Newton system with a factor in the lane's registers
+// up to kTeamRanks ranks (the instances NR = 8 and 16), and with S~^-1 held by helper
+// warps beyond (NR = 32: team_inverse.cuh; the kernel is then launched with
+// team_inverse::kThreads threads, warp 0 solving, the helpers serving).
+constexpr int kTeamRanks = 16;
+template <int NR>
+constexpr bool kUsesTeam = NR > kTeamRanks;
+
+// Shared arrays of one block.  Sizes: E edges, R ranks; team: the helpers' arrays
+// (the instances with kUsesTeam).
 struct Smem {
   double *a0, *a1, *a2, *a3, *a4;  // [E] per-edge values a rank sums (written by the experts)
   double* schur;              // [R x (R + 1)], padded rows
   double *flow, *load;        // [E], [R]: the answer
+  team_inverse::Smem team;
 
   // Carve the arrays out of base; returns bytes used (base == nullptr: size only).
-  LPLB_HD static size_t layout(Smem* s, char* base, int R, int E) {
+  LPLB_HD static size_t layout(Smem* s, char* base, int R, int E, bool team) {
     Smem sizing;
     Smem& o = s ? *s : sizing;
     blk::Carve buf{s ? base : nullptr};
@@ -53,6 +67,7 @@ struct Smem {
     buf.dbl(o.schur, static_cast<size_t>(R) * (R + 1));
     buf.dbl(o.flow, E);
     buf.dbl(o.load, R);
+    if (team) buf.off += team_inverse::Smem::layout(s ? &o.team : nullptr, s ? base + buf.off : nullptr);
     return buf.off;
   }
 };
@@ -144,14 +159,50 @@ LPLB_PRAGMA(unroll)
   __syncwarp();
 }
 
-// pair::subst_reg in place (lanes from n on keep b1, b2), and the sums of the
+// The Newton system's solver for NR ranks: the factor of pair::factor_reg in the
+// lane's registers (row i in lane i), its solves pair::subst_reg's substitutions.
+template <int NR>
+struct RegFactor {
+  double a[NR];
+  double inv = 0.0;
+  // Factors S~ (n x n, padded rows, in schur); returns the number of pivots <= 0.
+  __device__ __forceinline__ void stage_predictor(int, double, double) {}
+  __device__ __forceinline__ int factor(const double* schur, int n) {
+    return __popc(__ballot_sync(kFull, factor_reg<NR>(schur, n, n + 1, a, inv)));
+  }
+  template <bool kTwo>
+  __device__ __forceinline__ void solve(int n, double b1, double b2, double& x1, double& x2) const {
+    pair::subst_reg<NR, kTwo>(a, n, inv, b1, b2, x1, x2);
+  }
+};
+
+// ... beyond kTeamRanks: -S~^-1 held by the block's helper warps (team_inverse.cuh),
+// which know S~'s place and size (serve()'s arguments); factor and solve are run
+// there.  The predictor's right-hand sides are staged before factor(), which applies
+// the inverse to them in the same command, and its solve<true> reads those products
+// (one round trip per iteration fewer: torus 8x4 53.6 -> 53.0 us, same H200 call).
+struct TeamFactor {
+  team_inverse::Smem s;
+  __device__ __forceinline__ void stage_predictor(int n, double b1, double b2) {
+    team_inverse::stage<true>(n, s, b1, b2);
+  }
+  __device__ __forceinline__ int factor(const double*, int) { return team_inverse::invert_on_helpers(s); }
+  template <bool kTwo>
+  __device__ __forceinline__ void solve(int n, double b1, double b2, double& x1, double& x2) const {
+    team_inverse::solve_on_helpers<kTwo>(n, s, b1, b2, x1, x2);
+  }
+};
+
+template <int NR>
+using NewtonFactor = std::conditional_t<kUsesTeam<NR>, TeamFactor, RegFactor<NR>>;
+
+// The factor's solve in place (lanes from n on keep b1, b2), and the sums of the
 // solutions' entries in sums[0], sums[1].
-template <int NR, bool kTwo>
-__device__ __forceinline__ void subst_reg(const double (&a)[NR], int n, double inv, double& b1, double& b2,
-                                          double (&sums)[2]) {
+template <bool kTwo, typename F>
+__device__ __forceinline__ void subst(const F& fac, int n, double& b1, double& b2, double (&sums)[2]) {
   const int i = threadIdx.x;
   double x1, x2;
-  pair::subst_reg<NR, kTwo>(a, n, inv, b1, b2, x1, x2);
+  fac.template solve<kTwo>(n, b1, b2, x1, x2);
   if (i < n) {
     b1 = x1;
     if (kTwo) b2 = x2;
@@ -162,15 +213,15 @@ __device__ __forceinline__ void subst_reg(const double (&a)[NR], int n, double i
   sums[1] = s[1];
 }
 
-// The predictor's substitutions (u1 and u2 = 1) or the corrector's (u1 only), the
-// second right-hand side a compile-time choice (pair::subst_reg).
-template <int NR>
-__device__ __forceinline__ void subst_phase(bool corr, const double (&a)[NR], int n, double inv, double& u1,
-                                            double& u2, double (&sums)[2]) {
+// The predictor's solves (u1 and u2 = 1) or the corrector's (u1 only), the second
+// right-hand side a compile-time choice (pair::subst_reg).
+template <typename F>
+__device__ __forceinline__ void subst_phase(bool corr, const F& fac, int n, double& u1, double& u2,
+                                            double (&sums)[2]) {
   if (corr)
-    subst_reg<NR, false>(a, n, inv, u1, u2, sums);
+    subst<false>(fac, n, u1, u2, sums);
   else
-    subst_reg<NR, true>(a, n, inv, u1, u2, sums);
+    subst<true>(fac, n, u1, u2, sums);
 }
 
 // ---- the rank lane's part of each pass, the same in both one-warp solvers
@@ -272,20 +323,19 @@ __device__ __forceinline__ void rank_direction(Ln& L, bool corr, double smu, dou
   if (L.has_rank) ds.fold(x, z, L.is, L.izs, dx, dz);
 }
 
-// factor_reg with ipm::factor's regularisation: on a pivot <= 0, S~ is rebuilt with
-// 1e-12 * max diag more on its diagonal (then x100, at most 4 times) by
+// The factor (NewtonFactor) with ipm::factor's regularisation: on a pivot <= 0, S~ is
+// rebuilt with 1e-12 * max diag more on its diagonal (then x100, at most 4 times) by
 // assemble(n_reg, reg_scale).  Returns the number of bad pivots left (0: a factor).
-template <int NR, typename Ln, typename Assemble>
-__device__ __forceinline__ int factor_regularised(const double* schur, int n, const Ln& L, double nu,
-                                                  double (&a)[NR], double& inv, Assemble&& assemble) {
-  auto factor = [&] { return __popc(__ballot_sync(kFull, factor_reg<NR>(schur, n, n + 1, a, inv))); };
+template <typename F, typename Ln, typename Assemble>
+__device__ __forceinline__ int factor_regularised(F& fac, const double* schur, int n, const Ln& L, double nu,
+                                                  Assemble&& assemble) {
   assemble(0, 0.0);
-  int bad = factor();
+  int bad = fac.factor(schur, n);
   if (bad > 0) {
     const double reg_scale = wmax(L.has_rank ? L.diag + nu : -HUGE_VAL);
     for (int k = 1; k <= 4 && bad > 0; ++k) {
       assemble(k, reg_scale);
-      bad = factor();
+      bad = fac.factor(schur, n);
     }
   }
   return bad;
@@ -425,8 +475,9 @@ LPLB_PRAGMA(unroll)
     rank_shift(L, wi, dx0, dz0);
 
     const double n_var = static_cast<double>(E + R);
-    double ap = 0.0, ad = 0.0, inv = 0.0;
-    double a_reg[NR];  // this lane's row of the factor
+    double ap = 0.0, ad = 0.0;
+    NewtonFactor<NR> fac;
+    if constexpr (kUsesTeam<NR>) fac.s = sm.team;
     ipm::Progress pg;
     bool move = false;
     for (;;) {
@@ -546,7 +597,8 @@ LPLB_PRAGMA(unroll)
         e1 = L.da[j][1];
       });
       LPLB_TICK(P, 10);
-      const int bad = factor_regularised(sm.schur, R, L, nu, a_reg, inv, [&](int n_reg, double reg_scale) {
+      fac.stage_predictor(R, L.u1, L.u2);
+      const int bad = factor_regularised(fac, sm.schur, R, L, nu, [&](int n_reg, double reg_scale) {
         assemble(v, L, sm, nu, n_reg, reg_scale);
       });
       LPLB_TICK(P, 4);
@@ -586,7 +638,7 @@ LPLB_PRAGMA(unroll)
           rank_corrector_rhs(L, smu, gh);
         }
         LPLB_TICK(P, 5);
-        subst_phase<NR>(corr, a_reg, R, inv, L.u1, L.u2, us);
+        subst_phase(corr, fac, R, L.u1, L.u2, us);
         if (!corr) u2sum = us[1];
         dTp = (us[0] - rT) / u2sum;
         // ipm::direction: dw = u1 - dT' u2, dlambda, dx, dz; the predictor keeps dx dz

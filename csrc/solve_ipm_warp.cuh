@@ -11,7 +11,8 @@
 // exclusive prefix / suffix sums of ipm::experts).  The Schur matrix is built row by
 // row (lane r: for each edge of r, the expert's other edges; the entry (r, p) summed
 // in expert order, the edge on the larger rank taking d, as ipm::assemble) and
-// factored as ipm_pair::solve factors it (ipm_pair::factor_reg).  Differences from
+// solved as ipm_pair::solve solves it (ipm_pair::NewtonFactor: factor_reg, or the
+// helper warps' inverse beyond 16 ranks).  Differences from
 // ipm::solve are rounding only: tests compare the two on every instance that fits.
 #pragma once
 
@@ -33,9 +34,10 @@ struct Smem {
   double *y, *d, *gx, *t, *da, *h, *dw;  // [E] per-edge values (h, dw: of the edge's expert, rank)
   double* schur;                      // [R x (R + 1)], padded rows
   double *flow, *load;                // [E] (the best iterate until the finalisation), [R]
+  team_inverse::Smem team;            // (the instances with ipm_pair::kUsesTeam)
 
   // Carve the arrays out of base; returns bytes used (base == nullptr: size only).
-  LPLB_HD static size_t layout(Smem* s, char* base, int R, int E) {
+  LPLB_HD static size_t layout(Smem* s, char* base, int R, int E, bool team) {
     Smem sizing;
     Smem& o = s ? *s : sizing;
     blk::Carve buf{s ? base : nullptr};
@@ -43,6 +45,7 @@ struct Smem {
     buf.dbl(o.schur, static_cast<size_t>(R) * (R + 1));
     buf.dbl(o.flow, E);
     buf.dbl(o.load, R);
+    if (team) buf.off += team_inverse::Smem::layout(s ? &o.team : nullptr, s ? base + buf.off : nullptr);
     return buf.off;
   }
 };
@@ -179,8 +182,9 @@ __device__ ipm::Result solve(const View& v, const T* loads, const Smem& sm, int 
     rank_shift(L, wi, dx0, dz0);
 
     const double n_var = static_cast<double>(E + R);
-    double ap = 0.0, ad = 0.0, inv = 0.0;
-    double a_reg[NR];  // this lane's row of the factor
+    double ap = 0.0, ad = 0.0;
+    ipm_pair::NewtonFactor<NR> fac;
+    if constexpr (ipm_pair::kUsesTeam<NR>) fac.s = sm.team;
     ipm::Progress pg;
     bool move = false;
     for (;;) {
@@ -259,7 +263,8 @@ __device__ ipm::Result solve(const View& v, const T* loads, const Smem& sm, int 
       if (better && L.has_edge) sm.flow[lane] = L.y;
       if (stop) break;
       // ---- S~ and its factor (ipm::assemble, ipm::factor); sm.d and sm.da hold d, da
-      const int bad = factor_regularised(sm.schur, R, L, nu, a_reg, inv, [&](int n_reg, double reg_scale) {
+      fac.stage_predictor(R, L.u1, L.u2);
+      const int bad = factor_regularised(fac, sm.schur, R, L, nu, [&](int n_reg, double reg_scale) {
         assemble(v, L, sm, nu, n_reg, reg_scale);
       });
       ++res.iterations;
@@ -287,7 +292,7 @@ __device__ ipm::Result solve(const View& v, const T* loads, const Smem& sm, int 
           rank_sums(v, L, plain, sm.da, sm.h, gh);
           rank_corrector_rhs(L, smu, gh);
         }
-        subst_phase<NR>(corr, a_reg, R, inv, L.u1, L.u2, us);
+        subst_phase(corr, fac, R, L.u1, L.u2, us);
         if (!corr) u2sum = us[1];
         dTp = (us[0] - rT) / u2sum;
         // ipm::direction: dw = u1 - dT' u2, dlambda, dx, dz; the predictor keeps dx dz

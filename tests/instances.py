@@ -60,6 +60,24 @@ def mult2_placement() -> ExpertPlacement:
     return ExpertPlacement.from_phy2log(torch.tensor(phy), 8, 40)
 
 
+def chain_placement(n_ranks: int = 17) -> ExpertPlacement:
+    """One component of n_ranks (>= 4) ranks with few edges: expert 0 on ranks 0, 1, 2,
+    and expert r - 2 on ranks r - 1 and r for r = 3 .. n_ranks - 1 (a chain), the other
+    slots (3 per rank) local experts.  2 n_ranks - 3 edges: 31 at 17 ranks, so that a
+    component of more than 16 ranks fits the one-warp IPM for any placement
+    (csrc/solve_ipm_warp.cuh, which takes its helper warps beyond 16 ranks)."""
+    ranks: list[list[int]] = [[0] for _ in range(3)] + [[] for _ in range(n_ranks - 3)]
+    for r in range(3, n_ranks):
+        ranks[r - 1].append(r - 2)
+        ranks[r].append(r - 2)
+    nxt = n_ranks - 2
+    for slots in ranks:
+        while len(slots) < 3:
+            slots.append(nxt)
+            nxt += 1
+    return ExpertPlacement.from_phy2log(torch.tensor([e for slots in ranks for e in slots]), n_ranks, nxt)
+
+
 def two_copy_placements() -> list[tuple[str, ExpertPlacement]]:
     """Two-copy placements the one-warp solver takes: upstream topologies, and one with an
     expert holding two slots on one of its two ranks (edge multiplicity 2)."""

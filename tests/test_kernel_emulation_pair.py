@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import kernel_emulation as emu
-from instances import instances, mult2_placement, rel_diff
+from instances import chain_placement, instances, mult2_placement, rel_diff, varied_loads
 from lplb_plugin.component_arrays import ComponentArrays
 from lplb_plugin.layout import ExpertPlacement
 from lplb_plugin.problem import SplitGraph
@@ -123,14 +123,15 @@ def _ipm_pair_vs_general(graph, loads, method="ipm_pair", **options):
 
 
 def test_ipm_same_iterations_as_general_kernel_and_torch_objective():
-    seen = 0
+    seen = helped = 0
     for inst in _pair_instances(120, 7):
         seen += 1
+        helped += ComponentArrays.from_graph(inst.graph).max_ranks > 16  # (helper warps)
         got = _ipm_pair_vs_general(inst.graph, inst.loads)
         ref = solve_ipm(inst.graph, inst.loads)
         assert bool(got.status.all()) == ref.converged, inst.name
         assert abs(float(got.bound.max()) - ref.objective) <= 1e-5 * max(abs(ref.objective), 1e-12), inst.name
-    assert seen >= 40, seen
+    assert seen >= 40 and helped >= 3, (seen, helped)
 
 
 def test_ipm_caps_zero_loads_and_multiplicity_two():
@@ -167,6 +168,27 @@ def test_ipm_warp_same_iterations_as_general_kernel_any_placement():
             for cap in (0, 2):
                 _ipm_pair_vs_general(inst.graph, inst.loads, method="ipm_warp", max_iters=cap)
     assert seen >= 30 and eplb >= 10, (seen, eplb)
+
+
+def test_ipm_warp_with_helper_warps():
+    """A 17-rank component within the any-placement kernel's 32 edges (chain_placement):
+    its Newton systems go to the helper warps' inverse (csrc/team_inverse.cuh, the block
+    emulated as 5 warps).  Same iterations and status as the block IPM, flows to
+    rounding, the torch IPM's objective; with iteration caps and zero loads."""
+    p = chain_placement(17)
+    g = SplitGraph.from_placement(p)
+    assert ComponentArrays.from_graph(g).max_ranks == 17
+    gen = torch.Generator().manual_seed(4)
+    for k in range(6):
+        loads = varied_loads(gen, p.n_logical, k)
+        got = _ipm_pair_vs_general(g, loads, method="ipm_warp")
+        ref = solve_ipm(g, loads)
+        assert bool(got.status.all()) == ref.converged, k
+        assert abs(float(got.bound.max()) - ref.objective) <= 1e-5 * max(abs(ref.objective), 1e-12), k
+    for cap in (0, 2):
+        _ipm_pair_vs_general(g, loads, method="ipm_warp", max_iters=cap)
+    zero = _ipm_pair_vs_general(g, torch.zeros(p.n_logical, dtype=torch.float64), method="ipm_warp")
+    assert bool(zero.status.all()) and float(zero.edge_flow.abs().max()) == 0.0
 
 
 def test_ipm_components_too_large_are_refused():
