@@ -165,8 +165,9 @@ template <int NR>
 struct RegFactor {
   double a[NR];
   double inv = 0.0;
-  // Factors S~ (n x n, padded rows, in schur); returns the number of pivots <= 0.
+  // (nothing to stage: the substitutions take the right-hand sides as they come)
   __device__ __forceinline__ void stage_predictor(int, double, double) {}
+  // Factors S~ (n x n, padded rows, in schur); returns the number of pivots <= 0.
   __device__ __forceinline__ int factor(const double* schur, int n) {
     return __popc(__ballot_sync(kFull, factor_reg<NR>(schur, n, n + 1, a, inv)));
   }
@@ -179,8 +180,9 @@ struct RegFactor {
 // ... beyond kTeamRanks: -S~^-1 held by the block's helper warps (team_inverse.cuh),
 // which know S~'s place and size (serve()'s arguments); factor and solve are run
 // there.  The predictor's right-hand sides are staged before factor(), which applies
-// the inverse to them in the same command, and its solve<true> reads those products
-// (one round trip per iteration fewer: torus 8x4 53.6 -> 53.0 us, same H200 call).
+// the inverse to them in the same command, and solve<true> (the predictor's, right
+// after) reads those products instead of posting its own (one round trip per
+// iteration fewer: torus 8x4 53.6 -> 53.0 us, same H200 call).
 struct TeamFactor {
   team_inverse::Smem s;
   __device__ __forceinline__ void stage_predictor(int n, double b1, double b2) {
@@ -214,7 +216,7 @@ __device__ __forceinline__ void subst(const F& fac, int n, double& b1, double& b
 }
 
 // The predictor's solves (u1 and u2 = 1) or the corrector's (u1 only), the second
-// right-hand side a compile-time choice (pair::subst_reg).
+// right-hand side a compile-time choice (NewtonFactor's solve<kTwo>).
 template <typename F>
 __device__ __forceinline__ void subst_phase(bool corr, const F& fac, int n, double& u1, double& u2,
                                             double (&sums)[2]) {
