@@ -166,10 +166,10 @@ __device__ __forceinline__ void run_ipm_warp(const blk::Team& team, const View& 
 template <int NR>
 constexpr int kIpmWarpThreads = ipm_pair::kUsesTeam<NR> ? team_inverse::kThreads : 32;
 
-// Whether the one-warp IPM instance launch() picks for components of at most
-// max_ranks ranks (NR = 8, 16 or 32) runs with helper warps.
-bool ipm_warp_helpers(int max_ranks) {
-  return max_ranks <= 8 ? ipm_pair::kUsesTeam<8> : max_ranks <= 16 ? ipm_pair::kUsesTeam<16> : ipm_pair::kUsesTeam<32>;
+// The threads of the one-warp IPM instance launch() picks for components of at most
+// max_ranks ranks (NR = 8, 16 or 32): more than 32 when it runs with helper warps.
+int ipm_warp_threads(int max_ranks) {
+  return max_ranks <= 8 ? kIpmWarpThreads<8> : max_ranks <= 16 ? kIpmWarpThreads<16> : kIpmWarpThreads<32>;
 }
 
 // The IPM in one warp per component, every component small and two-copy
@@ -371,23 +371,21 @@ cudaError_t launch(const CompArrays& a, const SolveSizes& sz, const T* loads, in
                          sz.max_experts <= ipm_warp::kMaxExperts && sz.max_edges <= ipm_warp::kMaxEdges;
   const bool small_any_exact = inside && sz.one_warp && fits_exact_warp(sz);
   if (method == 1 && small_pairs) {
-    const bool team = ipm_warp_helpers(sz.max_ranks);
-    const size_t bytes = head + ipm_pair::Smem::layout(nullptr, nullptr, sz.max_ranks, sz.max_edges, team);
+    const int threads = ipm_warp_threads(sz.max_ranks);
+    const size_t bytes = head + ipm_pair::Smem::layout(nullptr, nullptr, sz.max_ranks, sz.max_edges, threads > 32);
     const bool j1 = sz.max_experts <= 32;
     auto kernel = sz.max_ranks <= 8    ? (j1 ? ipm_pair_kernel<1, 8, T> : ipm_pair_kernel<2, 8, T>)
                   : sz.max_ranks <= 16 ? (j1 ? ipm_pair_kernel<1, 16, T> : ipm_pair_kernel<2, 16, T>)
                                        : (j1 ? ipm_pair_kernel<1, 32, T> : ipm_pair_kernel<2, 32, T>);
-    return launch_solve(kernel, a.n_comp, team ? team_inverse::kThreads : 32, bytes, stream, a, loads, ipm_max_iters,
-                        ipm_tol, out);
+    return launch_solve(kernel, a.n_comp, threads, bytes, stream, a, loads, ipm_max_iters, ipm_tol, out);
   } else if (method == 1 && small_any) {
-    const bool team = ipm_warp_helpers(sz.max_ranks);
-    const size_t work = ipm_warp::Smem::layout(nullptr, nullptr, sz.max_ranks, sz.max_edges, team);
+    const int threads = ipm_warp_threads(sz.max_ranks);
+    const size_t work = ipm_warp::Smem::layout(nullptr, nullptr, sz.max_ranks, sz.max_edges, threads > 32);
     const size_t bytes = head + work + staged;
     auto kernel = sz.max_ranks <= 8    ? ipm_warp_kernel<8, T>
                   : sz.max_ranks <= 16 ? ipm_warp_kernel<16, T>
                                        : ipm_warp_kernel<32, T>;
-    return launch_solve(kernel, a.n_comp, team ? team_inverse::kThreads : 32, bytes, stream, a, loads, ipm_max_iters,
-                        ipm_tol, out, work);
+    return launch_solve(kernel, a.n_comp, threads, bytes, stream, a, loads, ipm_max_iters, ipm_tol, out, work);
   } else if (method == 1) {
     const size_t bytes = head + (plan.where == kAllGlobal ? 0 : work_bytes(1, sz, inside));
     auto kernel = plan.where == kAllShared    ? ipm_kernel<T, kAllShared>

@@ -67,7 +67,7 @@ struct Smem {
     buf.dbl(o.schur, static_cast<size_t>(R) * (R + 1));
     buf.dbl(o.flow, E);
     buf.dbl(o.load, R);
-    if (team) buf.off += team_inverse::Smem::layout(s ? &o.team : nullptr, s ? base + buf.off : nullptr);
+    if (team) team_inverse::Smem::carve(buf, o.team);
     return buf.off;
   }
 };

@@ -52,16 +52,13 @@ struct Smem {
   double* part;  // [2][kHelpers][kN]: each helper warp's share of the products
   double* cmd;   // [2]: the posted command; the number of bad pivots
 
-  // Carve the arrays out of base; returns bytes used (base == nullptr: size only).
-  LPLB_HD static size_t layout(Smem* s, char* base) {
-    Smem sizing;
-    Smem& o = s ? *s : sizing;
-    blk::Carve buf{s ? base : nullptr};
+  // Carves the arrays next in buf (a solver's Smem::layout; buf without a base: sizes
+  // only).
+  LPLB_HD static void carve(blk::Carve& buf, Smem& o) {
     buf.dbl(o.rows, 4 * kN);
     buf.dbl(o.rhs, 2 * kN);
     buf.dbl(o.part, 2 * kHelpers * kN);
     buf.dbl(o.cmd, 2);
-    return buf.off;
   }
 };
 
@@ -176,10 +173,15 @@ __device__ __forceinline__ void serve(const double* A, int n, int lda, const Sme
   }
 }
 
-// Warp 0: runs cmd on the helpers and waits for its end.
-__device__ __forceinline__ void run(const Smem& s, Cmd cmd) {
+// Warp 0: hands cmd to the helpers (waiting in serve()).
+__device__ __forceinline__ void post(const Smem& s, Cmd cmd) {
   if (threadIdx.x == 0) s.cmd[0] = static_cast<double>(cmd);
   bar_all();
+}
+
+// Warp 0: runs cmd on the helpers and waits for its end.
+__device__ __forceinline__ void run(const Smem& s, Cmd cmd) {
+  post(s, cmd);
   bar_all();
 }
 
@@ -223,10 +225,7 @@ __device__ __forceinline__ void solve_on_helpers(int n, const Smem& s, double b1
 }
 
 // Warp 0, when it is done: lets the helpers leave serve().
-__device__ __forceinline__ void dismiss(const Smem& s) {
-  if (threadIdx.x == 0) s.cmd[0] = static_cast<double>(kExit);
-  bar_all();
-}
+__device__ __forceinline__ void dismiss(const Smem& s) { post(s, kExit); }
 
 #endif  // __CUDA_ARCH__ || LPLB_WARP_EMULATION
 

@@ -1,6 +1,7 @@
 // One CUDA warp emulated by 32 host threads, so that warp-synchronous device code
 // (solve_pair.cuh) also builds as a CPU program for the tests (CI has no GPU); or a
-// block of several such warps with a block-wide barrier (team_inverse.cuh's team).
+// block of several such warps with the named barriers team_inverse.cuh uses (its
+// helper warps).
 //
 // Each lane is a std::thread.  __syncwarp and every shuffle meet at a barrier, where
 // lane 0 also checks that all lanes came from the same source line: a shuffle or
