@@ -142,6 +142,8 @@ __device__ __forceinline__ void run_ipm_warp(const blk::Team& team, const View& 
                                              const SolveOut& out, Solve&& solve) {
   if constexpr (kTeam) {
     __shared__ double res[3];  // warp 0's ipm::Result for the whole block
+    team_inverse::clear(sm.schur, v.R, v.R + 1);
+    __syncthreads();
     if (threadIdx.x < 32) {
       const ipm::Result r = solve();
       team_inverse::dismiss(sm.team);

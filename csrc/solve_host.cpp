@@ -80,6 +80,8 @@ auto on_team(const Smem& sm, int n, F&& f) {
   namespace ti = lplb::team_inverse;
   decltype(f()) r{};
   lplb::emu::run_block(1 + ti::kHelpers, [&] {
+    ti::clear(sm.schur, n, n + 1);  // (the kernel's __syncthreads: the block's barrier)
+    lplb::emu::named_bar(1);
     if (lplb::emu::t_tid < 32) {
       const auto lane_r = f();
       ti::dismiss(sm.team);

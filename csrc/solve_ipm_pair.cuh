@@ -129,14 +129,18 @@ LPLB_PRAGMA(unroll)
 // regularisation on the diagonal; d and da of every edge must be in sm.a0 / sm.a1.
 // Lane r writes row r: the off-diagonal entry (r, p) sums d * da over the experts
 // joining r and p in expert order, with the edge on the larger rank taking d.
-template <int J>
+// kSums (the helpers' path, kUsesTeam): only the sums and the diagonal, into a matrix
+// the helpers left zero; they form -sum + nu as they load it (team_inverse::invert),
+// so that this warp does not write every entry of its row twice.
+template <bool kSums, int J>
 __device__ __forceinline__ void assemble(const View& v, const Lane<J>& L, const Smem& sm, double nu, int n_reg,
                                          double reg_scale) {
   const int R = v.R, r = threadIdx.x, lda = R + 1;
   __syncwarp();
   if (L.has_rank) {
     double* row = sm.schur + static_cast<size_t>(r) * lda;
-    for (int b = 0; b < R; ++b) row[b] = 0.0;
+    if (!kSums)
+      for (int b = 0; b < R; ++b) row[b] = 0.0;
     auto add = [&](int e, int p) {
       const int o = e ^ 1;
       if (r > p)  // (two statements: each contracts as ipm::assemble's sum)
@@ -148,7 +152,8 @@ LPLB_PRAGMA(unroll)
     for (int q = 0; q < kMaxDegree; ++q)
       if (q < L.deg) add(L.edges[q], L.partner[q]);
     for (int q = L.more_lo; q < L.more_hi; ++q) add(v.rank_edges[q], v.edge_rank[v.rank_edges[q] ^ 1]);
-    for (int b = 0; b < R; ++b) row[b] = -row[b] + nu;
+    if (!kSums)
+      for (int b = 0; b < R; ++b) row[b] = -row[b] + nu;
     double dg = L.diag + nu, reg = 1e-12;
     for (int k = 0; k < n_reg; ++k) {
       dg = dg + reg_scale * reg;
@@ -168,7 +173,7 @@ struct RegFactor {
   // (nothing to stage: the substitutions take the right-hand sides as they come)
   __device__ __forceinline__ void stage_predictor(int, double, double) {}
   // Factors S~ (n x n, padded rows, in schur); returns the number of pivots <= 0.
-  __device__ __forceinline__ int factor(const double* schur, int n) {
+  __device__ __forceinline__ int factor(const double* schur, int n, double) {
     return __popc(__ballot_sync(kFull, factor_reg<NR>(schur, n, n + 1, a, inv)));
   }
   template <bool kTwo>
@@ -188,7 +193,8 @@ struct TeamFactor {
   __device__ __forceinline__ void stage_predictor(int n, double b1, double b2) {
     team_inverse::stage<true>(n, s, b1, b2);
   }
-  __device__ __forceinline__ int factor(const double*, int) { return team_inverse::invert_on_helpers(s); }
+  // (schur holds assemble<true>'s sums; the helpers add nu as they load it)
+  __device__ __forceinline__ int factor(const double*, int, double nu) { return team_inverse::invert_on_helpers(s, nu); }
   template <bool kTwo>
   __device__ __forceinline__ void solve(int n, double b1, double b2, double& x1, double& x2) const {
     team_inverse::solve_on_helpers<kTwo>(n, s, b1, b2, x1, x2);
@@ -332,12 +338,12 @@ template <typename F, typename Ln, typename Assemble>
 __device__ __forceinline__ int factor_regularised(F& fac, const double* schur, int n, const Ln& L, double nu,
                                                   Assemble&& assemble) {
   assemble(0, 0.0);
-  int bad = fac.factor(schur, n);
+  int bad = fac.factor(schur, n, nu);
   if (bad > 0) {
     const double reg_scale = wmax(L.has_rank ? L.diag + nu : -HUGE_VAL);
     for (int k = 1; k <= 4 && bad > 0; ++k) {
       assemble(k, reg_scale);
-      bad = fac.factor(schur, n);
+      bad = fac.factor(schur, n, nu);
     }
   }
   return bad;
@@ -601,7 +607,7 @@ LPLB_PRAGMA(unroll)
       LPLB_TICK(P, 10);
       fac.stage_predictor(R, L.u1, L.u2);
       const int bad = factor_regularised(fac, sm.schur, R, L, nu, [&](int n_reg, double reg_scale) {
-        assemble(v, L, sm, nu, n_reg, reg_scale);
+        assemble<kUsesTeam<NR>>(v, L, sm, nu, n_reg, reg_scale);
       });
       LPLB_TICK(P, 4);
       ++res.iterations;

@@ -89,13 +89,16 @@ struct Lane {
 
 // S~ (ipm::assemble's values, both triangles) into sm.schur, with n_reg rounds of
 // regularisation on the diagonal; d and da of every edge must be in sm.d / sm.da.
+// kSums: only the sums and the diagonal, as ipm_pair::assemble<true>.
+template <bool kSums>
 __device__ __forceinline__ void assemble(const View& v, const Lane& L, const Smem& sm, double nu, int n_reg,
                                          double reg_scale) {
   const int R = v.R, r = threadIdx.x, lda = R + 1;
   __syncwarp();
   if (L.has_rank) {
     double* row = sm.schur + static_cast<size_t>(r) * lda;
-    for (int b = 0; b < R; ++b) row[b] = 0.0;
+    if (!kSums)
+      for (int b = 0; b < R; ++b) row[b] = 0.0;
     auto add = [&](int e) {
       const int m = v.edge_exp[e];
       for (int o = v.exp_ptr[m]; o < v.exp_ptr[m + 1]; ++o) {
@@ -111,7 +114,8 @@ LPLB_PRAGMA(unroll)
     for (int q = 0; q < kMaxDegree; ++q)
       if (q < L.deg) add(L.edges[q]);
     for (int q = L.more_lo; q < L.more_hi; ++q) add(v.rank_edges[q]);
-    for (int b = 0; b < R; ++b) row[b] = -row[b] + nu;
+    if (!kSums)
+      for (int b = 0; b < R; ++b) row[b] = -row[b] + nu;
     double dg = L.diag + nu, reg = 1e-12;
     for (int k = 0; k < n_reg; ++k) {
       dg = dg + reg_scale * reg;
@@ -265,7 +269,7 @@ __device__ ipm::Result solve(const View& v, const T* loads, const Smem& sm, int 
       // ---- S~ and its factor (ipm::assemble, ipm::factor); sm.d and sm.da hold d, da
       fac.stage_predictor(R, L.u1, L.u2);
       const int bad = factor_regularised(fac, sm.schur, R, L, nu, [&](int n_reg, double reg_scale) {
-        assemble(v, L, sm, nu, n_reg, reg_scale);
+        assemble<ipm_pair::kUsesTeam<NR>>(v, L, sm, nu, n_reg, reg_scale);
       });
       ++res.iterations;
       if (bad > 0) break;  // no usable factor: the reference's step is not finite

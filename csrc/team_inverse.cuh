@@ -50,7 +50,7 @@ struct Smem {
   double* rows;  // [2][2][kN]: the pivot rows of a step, double-buffered
   double* rhs;   // [2][kN]: right-hand sides posted by warp 0
   double* part;  // [2][kHelpers][kN]: each helper warp's share of the products
-  double* cmd;   // [2]: the posted command; the number of bad pivots
+  double* cmd;   // [3]: the posted command; the number of bad pivots; nu
 
   // Carves the arrays next in buf (a solver's Smem::layout; buf without a base: sizes
   // only).
@@ -58,7 +58,7 @@ struct Smem {
     buf.dbl(o.rows, 4 * kN);
     buf.dbl(o.rhs, 2 * kN);
     buf.dbl(o.part, 2 * kHelpers * kN);
-    buf.dbl(o.cmd, 2);
+    buf.dbl(o.cmd, 3);
   }
 };
 
@@ -88,14 +88,19 @@ struct Part {
   double a[kCols];
 };
 
-// Helpers: -S^-1 into p for S = A (n <= kN, row i at A + i * lda, both triangles).
-// Returns the number of failed pivot tests (see above), the same in every helper.
-__device__ __forceinline__ int invert(const double* A, int n, int lda, const Smem& s, Part& p) {
+// Helpers: -S^-1 into p for S = -A + nu off the diagonal and A on it (n <= kN, row i
+// at A + i * lda, both triangles: the IPM's sums, ipm_pair::assemble<true>), leaving
+// A's n x n entries zero for the next sums.  Returns the number of failed pivot tests
+// (see above), the same in every helper.
+__device__ __forceinline__ int invert(double* A, int n, int lda, double nu, const Smem& s, Part& p) {
   const int t = threadIdx.x, i = t & 31, c0 = ((t >> 5) - 1) * kCols;
 LPLB_PRAGMA(unroll)
   for (int q = 0; q < kCols; ++q) {
     const int j = c0 + q;
-    p.a[q] = (i < n && j < n) ? A[static_cast<size_t>(i) * lda + j] : (i == j ? 1.0 : 0.0);
+    double* e = A + static_cast<size_t>(i) * lda + j;
+    const bool in = i < n && j < n;
+    p.a[q] = in ? (i == j ? *e : -*e + nu) : (i == j ? 1.0 : 0.0);
+    if (in) *e = 0.0;
   }
   int bad = 0;
 LPLB_PRAGMA(unroll)
@@ -154,16 +159,21 @@ LPLB_PRAGMA(unroll)
   }
 }
 
+// The whole block, before warp 0's first sums: A's n x n entries zero.
+__device__ __forceinline__ void clear(double* A, int n, int lda) {
+  for (int x = threadIdx.x; x < n * n; x += kThreads) A[static_cast<size_t>(x / n) * lda + x % n] = 0.0;
+}
+
 // Helpers: serve warp 0's commands on A (n x n, lda) until dismissed.  A command
 // starts and ends with the block's barrier.
-__device__ __forceinline__ void serve(const double* A, int n, int lda, const Smem& s) {
+__device__ __forceinline__ void serve(double* A, int n, int lda, const Smem& s) {
   Part p;
   for (;;) {
     bar_all();
     const int cmd = static_cast<int>(s.cmd[0]);
     if (cmd == kExit) break;
     if (cmd == kInvert) {
-      const int bad = invert(A, n, lda, s, p);
+      const int bad = invert(A, n, lda, s.cmd[2], s, p);
       if (threadIdx.x == 32) s.cmd[1] = bad;
       apply<2>(p, s);
     } else {
@@ -203,9 +213,11 @@ LPLB_PRAGMA(unroll)
   return u;
 }
 
-// Warp 0: the helpers invert A (n x n, lda) and apply the inverse to the two staged
-// right-hand sides (stage<true>).  Returns the number of bad pivots.
-__device__ __forceinline__ int invert_on_helpers(const Smem& s) {
+// Warp 0: the helpers invert S (from the sums in A and nu: invert()) and apply the
+// inverse to the two staged right-hand sides (stage<true>).  Returns the number of
+// bad pivots.
+__device__ __forceinline__ int invert_on_helpers(const Smem& s, double nu) {
+  if (threadIdx.x == 0) s.cmd[2] = nu;
   run(s, kInvert);
   return static_cast<int>(s.cmd[1]);
 }
