@@ -125,42 +125,50 @@ LPLB_PRAGMA(unroll)
   for (int k = 0; k <= N; ++k) out[k] = s[k];
 }
 
-// S~ (ipm::assemble's values, both triangles) into sm.schur, with n_reg rounds of
-// regularisation on the diagonal; d and da of every edge must be in sm.a0 / sm.a1.
-// Lane r writes row r: the off-diagonal entry (r, p) sums d * da over the experts
-// joining r and p in expert order, with the edge on the larger rank taking d.
-// kSums (the helpers' path, kUsesTeam): only the sums and the diagonal, into a matrix
-// the helpers left zero; they form -sum + nu as they load it (team_inverse::invert),
-// so that this warp does not write every entry of its row twice.
+// Lane r's row of S~ as ipm::assemble forms it, in both one-warp IPMs: add_edges(row)
+// sums d * da over the experts joining r and each rank p into row[p] (in expert
+// order, the edge on the larger rank taking d; each term its own statement, so that
+// it contracts as ipm::assemble's sum), then -sum + nu off the diagonal, and the
+// diagonal with n_reg rounds of regularisation.  kSums (the helpers' path,
+// kUsesTeam): only the sums and the diagonal, into a row the helpers left zero; they
+// form -sum + nu as they load it (team_inverse::invert), so that this warp does not
+// write every entry of its row twice.
+template <bool kSums, typename AddEdges>
+__device__ __forceinline__ void assemble_row(double* row, int R, int r, double diag, double nu, int n_reg,
+                                             double reg_scale, AddEdges&& add_edges) {
+  if (!kSums)
+    for (int b = 0; b < R; ++b) row[b] = 0.0;
+  add_edges(row);
+  if (!kSums)
+    for (int b = 0; b < R; ++b) row[b] = -row[b] + nu;
+  double dg = diag + nu, reg = 1e-12;
+  for (int k = 0; k < n_reg; ++k) {
+    dg = dg + reg_scale * reg;
+    reg *= 100.0;
+  }
+  row[r] = dg;
+}
+
+// S~ into sm.schur (assemble_row); d and da of every edge must be in sm.a0 / sm.a1.
 template <bool kSums, int J>
 __device__ __forceinline__ void assemble(const View& v, const Lane<J>& L, const Smem& sm, double nu, int n_reg,
                                          double reg_scale) {
   const int R = v.R, r = threadIdx.x, lda = R + 1;
   __syncwarp();
-  if (L.has_rank) {
-    double* row = sm.schur + static_cast<size_t>(r) * lda;
-    if (!kSums)
-      for (int b = 0; b < R; ++b) row[b] = 0.0;
-    auto add = [&](int e, int p) {
-      const int o = e ^ 1;
-      if (r > p)  // (two statements: each contracts as ipm::assemble's sum)
-        row[p] += sm.a0[e] * sm.a1[o];
-      else
-        row[p] += sm.a0[o] * sm.a1[e];
-    };
+  if (L.has_rank)
+    assemble_row<kSums>(sm.schur + static_cast<size_t>(r) * lda, R, r, L.diag, nu, n_reg, reg_scale, [&](double* row) {
+      auto add = [&](int e, int p) {
+        const int o = e ^ 1;
+        if (r > p)
+          row[p] += sm.a0[e] * sm.a1[o];
+        else
+          row[p] += sm.a0[o] * sm.a1[e];
+      };
 LPLB_PRAGMA(unroll)
-    for (int q = 0; q < kMaxDegree; ++q)
-      if (q < L.deg) add(L.edges[q], L.partner[q]);
-    for (int q = L.more_lo; q < L.more_hi; ++q) add(v.rank_edges[q], v.edge_rank[v.rank_edges[q] ^ 1]);
-    if (!kSums)
-      for (int b = 0; b < R; ++b) row[b] = -row[b] + nu;
-    double dg = L.diag + nu, reg = 1e-12;
-    for (int k = 0; k < n_reg; ++k) {
-      dg = dg + reg_scale * reg;
-      reg *= 100.0;
-    }
-    row[r] = dg;
-  }
+      for (int q = 0; q < kMaxDegree; ++q)
+        if (q < L.deg) add(L.edges[q], L.partner[q]);
+      for (int q = L.more_lo; q < L.more_hi; ++q) add(v.rank_edges[q], v.edge_rank[v.rank_edges[q] ^ 1]);
+    });
   __syncwarp();
 }
 

@@ -87,42 +87,32 @@ struct Lane {
   double y, z, iy, iz, d, da, rd, dx, dz, aff;
 };
 
-// S~ (ipm::assemble's values, both triangles) into sm.schur, with n_reg rounds of
-// regularisation on the diagonal; d and da of every edge must be in sm.d / sm.da.
-// kSums: only the sums and the diagonal, as ipm_pair::assemble<true>.
+// S~ into sm.schur (ipm_pair::assemble_row); d and da of every edge must be in sm.d /
+// sm.da; an edge's terms pair it with each other edge of its expert.
 template <bool kSums>
 __device__ __forceinline__ void assemble(const View& v, const Lane& L, const Smem& sm, double nu, int n_reg,
                                          double reg_scale) {
   const int R = v.R, r = threadIdx.x, lda = R + 1;
   __syncwarp();
-  if (L.has_rank) {
-    double* row = sm.schur + static_cast<size_t>(r) * lda;
-    if (!kSums)
-      for (int b = 0; b < R; ++b) row[b] = 0.0;
-    auto add = [&](int e) {
-      const int m = v.edge_exp[e];
-      for (int o = v.exp_ptr[m]; o < v.exp_ptr[m + 1]; ++o) {
-        if (o == e) continue;
-        const int p = v.edge_rank[o];
-        if (r > p)  // (two statements: each contracts as ipm::assemble's sum)
-          row[p] += sm.d[e] * sm.da[o];
-        else
-          row[p] += sm.d[o] * sm.da[e];
-      }
-    };
+  if (L.has_rank)
+    ipm_pair::assemble_row<kSums>(
+        sm.schur + static_cast<size_t>(r) * lda, R, r, L.diag, nu, n_reg, reg_scale, [&](double* row) {
+          auto add = [&](int e) {
+            const int m = v.edge_exp[e];
+            for (int o = v.exp_ptr[m]; o < v.exp_ptr[m + 1]; ++o) {
+              if (o == e) continue;
+              const int p = v.edge_rank[o];
+              if (r > p)
+                row[p] += sm.d[e] * sm.da[o];
+              else
+                row[p] += sm.d[o] * sm.da[e];
+            }
+          };
 LPLB_PRAGMA(unroll)
-    for (int q = 0; q < kMaxDegree; ++q)
-      if (q < L.deg) add(L.edges[q]);
-    for (int q = L.more_lo; q < L.more_hi; ++q) add(v.rank_edges[q]);
-    if (!kSums)
-      for (int b = 0; b < R; ++b) row[b] = -row[b] + nu;
-    double dg = L.diag + nu, reg = 1e-12;
-    for (int k = 0; k < n_reg; ++k) {
-      dg = dg + reg_scale * reg;
-      reg *= 100.0;
-    }
-    row[r] = dg;
-  }
+          for (int q = 0; q < kMaxDegree; ++q)
+            if (q < L.deg) add(L.edges[q]);
+          for (int q = L.more_lo; q < L.more_hi; ++q) add(v.rank_edges[q]);
+        });
   __syncwarp();
 }
 
