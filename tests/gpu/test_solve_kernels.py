@@ -36,6 +36,14 @@ def _solver(inst_or_placement, graph=None):
     return kernels.DeviceSolver(g, p.log2phy, p.logcnt, torch.device("cuda")), g, p
 
 
+def _assert_slot_split(split, g, p, loads, tag=""):
+    """x and the copy shares the solve wrote are the reference's functions of its own
+    flow (the shares bit for bit)."""
+    x = g.slot_split(loads, split.edge_flow.cpu())
+    assert torch.allclose(split.x.cpu(), x, rtol=1e-15, atol=0), tag
+    assert torch.equal(split.cum_frac.cpu(), copy_fractions(split.x.cpu(), p.log2phy, p.logcnt)), tag
+
+
 @pytest.mark.parametrize("use_warp", [True, False], ids=["one-warp", "block"])
 def test_exact_kernel_matches_reference_on_300_instances(use_warp):
     worst = 0.0
@@ -51,9 +59,7 @@ def test_exact_kernel_matches_reference_on_300_instances(use_warp):
         assert d <= 1e-9, (inst.name, d)
         assert rel_diff(split.rank_loads.cpu(), ref.rank_loads, scale) <= 1e-9
         # x and the copy shares are the reference's functions of the kernel's flow
-        x = g.slot_split(inst.loads, split.edge_flow.cpu())
-        assert torch.allclose(split.x.cpu(), x, rtol=1e-15, atol=0)
-        assert torch.equal(split.cum_frac.cpu(), copy_fractions(split.x.cpu(), p.log2phy, p.logcnt))
+        _assert_slot_split(split, g, p, inst.loads, inst.name)
     print(f"exact kernel: worst relative flow difference {worst:.2e}")
 
 
@@ -163,6 +169,8 @@ def test_one_warp_ipm_equals_general_ipm_kernel():
                 assert torch.equal(a.status, b.status) and torch.equal(a.iters, b.iters), (name, k, cap)
                 assert rel_diff(a.edge_flow.cpu(), b.edge_flow.cpu(), scale) <= 1e-10, (name, k, cap)
                 assert float((a.bound - b.bound).abs().max()) <= 1e-12 * scale, (name, k, cap)
+                _assert_slot_split(a, g, p, loads, (name, k, cap))
+                _assert_slot_split(b, g, p, loads, (name, k, cap))
         zero = ds.solve(torch.zeros(p.n_logical, dtype=torch.float64, device="cuda"), "ipm")
         assert bool(zero.status.all()) and float(zero.edge_flow.abs().max()) == 0.0, name
     assert seen_pair >= 10 and seen_any >= 3, (seen_pair, seen_any)
@@ -200,7 +208,9 @@ def test_large_components(n_ranks, per_rank, where):
     ref = solve_exact(g, loads)
     assert bool(split.status.all()) == ref.certified
     assert rel_diff(split.edge_flow.cpu(), ref.edge_flow, float(loads.max())) <= 1e-9
+    _assert_slot_split(split, g, p, loads, "exact")
     split = ds.solve(loads.cuda(), "ipm")
+    _assert_slot_split(split, g, p, loads, "ipm")
     ref = solve_ipm(g, loads)
     fixed = g.fixed_loads(loads)
     ref_obj = float(g.rank_loads(fixed, ref.edge_flow).max())
@@ -230,9 +240,10 @@ def test_fallback_is_reported_and_valid():
 def test_ipm_kernel_matches_torch_ipm(use_warp):
     worst = 0.0
     for inst in instances(120, seed=8):
-        ds, g, _ = _solver(inst, inst.graph)
+        ds, g, p = _solver(inst, inst.graph)
         ds.use_warp = use_warp
         split = ds.solve(inst.loads.cuda(), "ipm")
+        _assert_slot_split(split, g, p, inst.loads, inst.name)
         ref = solve_ipm(g, inst.loads)
         fixed = g.fixed_loads(inst.loads)
         ref_obj = float(g.rank_loads(fixed, ref.edge_flow).max())
