@@ -57,7 +57,8 @@ const int* int_ptr(const torch::Tensor& t, const char* name) {
 // Solve stage.  arrays: the 15 int32 tensors of ComponentArrays.tensors(); sizes:
 // (n_comp, max_ranks, max_experts, max_edges, two_copy: 1 when every movable expert
 // has two edges, one_warp: 1 to let small components take the one-warp solvers); graph: (slot_edge int32 [P], edge_mult
-// int32 [E], slot_share int32 [P], log2phy int64 [L, C], logcnt int64 [L]).
+// int32 [E], slot_share int32 [P], log2phy int64 [L, C], logcnt int64 [L], copy table
+// int32 [M, 1 + 2 C] of ComponentArrays.copy_table).  One kernel writes all outputs.
 // Returns (edge_flow f64 [E], rank_load f64 [R], status i32 [n_comp], bound f64
 // [n_comp], iters i32 [n_comp, 2], x f64 [P], cum f64 [L, C]), all on loads' device.
 // When totals is given, the number of components with status 0 is added to totals[1].
@@ -68,7 +69,8 @@ std::vector<torch::Tensor> solve(std::vector<torch::Tensor> arrays, std::vector<
   TORCH_CHECK(arrays.size() == 15, "solve: expected the 15 ComponentArrays tensors, got ", arrays.size());
   TORCH_CHECK(sizes.size() == 6,
               "solve: sizes must be (n_comp, max_ranks, max_experts, max_edges, two_copy, one_warp)");
-  TORCH_CHECK(graph.size() == 5, "solve: graph must be (slot_edge, edge_mult, slot_share, log2phy, logcnt)");
+  TORCH_CHECK(graph.size() == 6,
+              "solve: graph must be (slot_edge, edge_mult, slot_share, log2phy, logcnt, copy table)");
   TORCH_CHECK(loads.is_cuda() && (loads.scalar_type() == torch::kInt32 || loads.scalar_type() == torch::kFloat64),
               "loads must be a CUDA int32 or float64 tensor, got ", loads.scalar_type());
   TORCH_CHECK(method == 0 || method == 1, "method must be 0 (exact) or 1 (ipm), got ", method);
@@ -81,6 +83,9 @@ std::vector<torch::Tensor> solve(std::vector<torch::Tensor> arrays, std::vector<
               "logcnt must be a CUDA int64 [L] tensor");
   TORCH_CHECK(loads.numel() == log2phy.size(0), "loads must have one entry per logical expert (", log2phy.size(0),
               "), got ", loads.numel());
+  TORCH_CHECK(graph[5].numel() == arrays[7].numel() * (1 + 2 * log2phy.size(1)),
+              "solve: the copy table must be [M, 1 + 2 C] = [", arrays[7].numel(), ", ", 1 + 2 * log2phy.size(1),
+              "] (ComponentArrays.copy_table), got ", graph[5].numel(), " entries");
   const c10::cuda::CUDAGuard guard(loads.device());
   auto ld = loads.contiguous();
   const int n_comp = static_cast<int>(sizes[0]);
@@ -107,19 +112,24 @@ std::vector<torch::Tensor> solve(std::vector<torch::Tensor> arrays, std::vector<
   if (per_comp > 0) global = torch::empty({n_comp * static_cast<int64_t>(per_comp)}, f64);
   lplb::SolveOut out{edge_flow.data_ptr<double>(), rank_load.data_ptr<double>(), status.data_ptr<int32_t>(),
                      bound.data_ptr<double>(), iters.data_ptr<int32_t>()};
+  lplb::SlotSplit slots{static_cast<int>(log2phy.size(0)),
+                        static_cast<int>(log2phy.size(1)),
+                        log2phy.data_ptr<int64_t>(),
+                        logcnt.data_ptr<int64_t>(),
+                        int_ptr(graph[0], "slot_edge"),
+                        int_ptr(graph[1], "edge_mult"),
+                        int_ptr(graph[2], "slot_share"),
+                        int_ptr(graph[5], "copy table"),
+                        x.data_ptr<double>(),
+                        cum.data_ptr<double>(),
+                        total_ptr(totals, 1, ld.device())};
   const bool is_int = ld.scalar_type() == torch::kInt32;
   auto stream = c10::cuda::getCurrentCUDAStream();
   check(lplb::solve_split(a, sz, ld.data_ptr(), is_int, static_cast<int>(method), lipschitz,
-                          static_cast<int>(max_rounds), out, global.defined() ? global.data_ptr<double>() : nullptr,
-                          static_cast<int>(ipm_max_iters), ipm_tol, stream),
+                          static_cast<int>(max_rounds), out, slots,
+                          global.defined() ? global.data_ptr<double>() : nullptr, static_cast<int>(ipm_max_iters),
+                          ipm_tol, stream),
         "solve");
-  check(lplb::slot_split(static_cast<int>(log2phy.size(0)), static_cast<int>(log2phy.size(1)), ld.data_ptr(), is_int,
-                         log2phy.data_ptr<int64_t>(), logcnt.data_ptr<int64_t>(), int_ptr(graph[0], "slot_edge"),
-                         int_ptr(graph[1], "edge_mult"), int_ptr(graph[2], "slot_share"),
-                         edge_flow.data_ptr<double>(), x.data_ptr<double>(), cum.data_ptr<double>(),
-                         status.data_ptr<int32_t>(), static_cast<int>(n_comp), total_ptr(totals, 1, ld.device()),
-                         stream),
-        "slot_split");
   return {edge_flow, rank_load, status, bound, iters, x, cum};
 }
 

@@ -2,8 +2,10 @@
 // (solve_exact.cuh, solve_ipm.cuh; one warp for small components: solve_pair.cuh and
 // solve_ipm_pair.cuh when two-copy, solve_exact_warp.cuh and solve_ipm_warp.cuh
 // otherwise, the one-warp IPMs with four helper warps for their Newton systems beyond
-// 16 ranks: team_inverse.cuh), then one thread per logical expert turns the edge flow into the
-// per-slot split and the cumulative copy shares the map kernel reads.  No host sync.
+// 16 ranks: team_inverse.cuh).  The same kernels then turn the edge flow into the
+// per-slot split and the cumulative copy shares the map kernel reads (slot_split.cuh:
+// each component's block for its movable experts, blocks past the components for the
+// experts that cannot move).  No host sync.
 #include <cuda_runtime.h>
 
 #include <atomic>
@@ -17,6 +19,7 @@
 #include "solve_ipm_pair.cuh"
 #include "solve_ipm_warp.cuh"
 #include "solve_pair.cuh"
+#include "slot_split.cuh"
 #include "team_inverse.cuh"
 
 namespace lplb {
@@ -37,8 +40,7 @@ __device__ __forceinline__ char* scratch(double* smem) { return reinterpret_cast
 // into shared memory work_bytes into the scratch when stage (the kernels that walk them
 // in every phase).  Then it waits for the kernel before it (launch_solve launches with
 // PDL, so that this prologue's static reads overlap that kernel: the loads and the
-// outputs only from here on), and lets the slots kernel in (it reads the loads before
-// its own wait, so not earlier).
+// outputs only from here on), and lets the next kernel in (Planner.run's map kernel).
 __device__ __forceinline__ View begin_solve(const blk::Team& team, const CompArrays& a, double* smem, bool stage,
                                             size_t work_bytes) {
   const View g = View::of(a, static_cast<int>(blockIdx.x));
@@ -66,8 +68,9 @@ __device__ __forceinline__ double* global_part(double* global, size_t stride) {
 // kAllGlobal, which reads them where they are).
 template <typename T, int kWhere>
 __global__ void __launch_bounds__(kSolveThreads) exact_kernel(CompArrays a, const T* loads, double lipschitz,
-                                                               int max_rounds, SolveOut out, double* global,
-                                                               size_t stride, size_t work_bytes) {
+                                                               int max_rounds, SolveOut out, SlotSplit s,
+                                                               double* global, size_t stride, size_t work_bytes) {
+  if (blockIdx.x >= a.n_comp) return slots::fixed_split(s, loads, a.n_comp);
   extern __shared__ double smem[];
   const int c = blockIdx.x;
   blk::Team team{smem};
@@ -78,6 +81,7 @@ __global__ void __launch_bounds__(kSolveThreads) exact_kernel(CompArrays a, cons
   if (kWhere == kSchurGlobal) w.schur = global_part(global, stride);
   const exact::Result r = exact::solve(team, v, loads, w, lipschitz, max_rounds);
   write_out(team, v, c, w.flow, w.load, r.certified, r.bound, r.rounds, r.newton_iters, out);
+  slots::component_split(a, c, v, r.certified, s, w.flow);
 }
 
 // One warp per component, every component small and two-copy (solve_pair.cuh); J
@@ -85,7 +89,8 @@ __global__ void __launch_bounds__(kSolveThreads) exact_kernel(CompArrays a, cons
 // launcher sizes both alike).
 template <int J, typename T>
 __global__ void __launch_bounds__(32, 1) pair_kernel(CompArrays a, const T* loads, double lipschitz, int max_rounds,
-                                                  SolveOut out, size_t work_bytes) {
+                                                  SolveOut out, SlotSplit s, size_t work_bytes) {
+  if (blockIdx.x >= a.n_comp) return slots::fixed_split(s, loads, a.n_comp);
   extern __shared__ double smem[];
   const int c = blockIdx.x;
   blk::Team team{smem};
@@ -95,6 +100,7 @@ __global__ void __launch_bounds__(32, 1) pair_kernel(CompArrays a, const T* load
 #if defined(__CUDA_ARCH__)  // (pair::solve is device code only)
   const exact::Result r = pair::solve<J>(v, loads, w, lipschitz, max_rounds);
   write_out(team, v, c, w.flow, w.load, r.certified, r.bound, r.rounds, r.newton_iters, out);
+  slots::component_split(a, c, v, r.certified, s, w.flow);
 #endif
 }
 
@@ -103,7 +109,9 @@ __global__ void __launch_bounds__(32, 1) pair_kernel(CompArrays a, const T* load
 // memory after the scratch (work_bytes of it), as ipm_warp_kernel stages them.
 template <typename T>
 __global__ void __launch_bounds__(32, 1) exact_warp_kernel(CompArrays a, const T* loads, double lipschitz,
-                                                        int max_rounds, SolveOut out, size_t work_bytes) {
+                                                        int max_rounds, SolveOut out, SlotSplit s,
+                                                        size_t work_bytes) {
+  if (blockIdx.x >= a.n_comp) return slots::fixed_split(s, loads, a.n_comp);
   extern __shared__ double smem[];
   const int c = blockIdx.x;
   blk::Team team{smem};
@@ -113,13 +121,16 @@ __global__ void __launch_bounds__(32, 1) exact_warp_kernel(CompArrays a, const T
 #if defined(__CUDA_ARCH__)  // (exact_warp::solve is device code only)
   const exact::Result r = exact_warp::solve(v, loads, sm, lipschitz, max_rounds);
   write_out(team, v, c, sm.flow, sm.load, r.certified, r.bound, r.rounds, r.newton_iters, out);
+  slots::component_split(a, c, v, r.certified, s, sm.flow);
 #endif
 }
 
 // kWhere: as exact_kernel's.
 template <typename T, int kWhere>
 __global__ void __launch_bounds__(kIpmThreads, 1) ipm_kernel(CompArrays a, const T* loads, int max_iters, double tol,
-                                                             SolveOut out, double* global, size_t stride) {
+                                                             SolveOut out, SlotSplit s, double* global,
+                                                             size_t stride) {
+  if (blockIdx.x >= a.n_comp) return slots::fixed_split(s, loads, a.n_comp);
   extern __shared__ double smem[];
   const int c = blockIdx.x;
   blk::Team team{smem};
@@ -130,16 +141,17 @@ __global__ void __launch_bounds__(kIpmThreads, 1) ipm_kernel(CompArrays a, const
   if (kWhere == kSchurGlobal) w.schur = global_part(global, stride);
   const ipm::Result r = ipm::solve(team, v, loads, w, max_iters, tol);
   write_out(team, v, c, w.flow, w.load, r.converged, r.objective, r.iterations, 0, out);
+  slots::component_split(a, c, v, r.converged, s, w.flow);
 }
 
 // The one-warp IPM kernels' body after the setup: the solver run by warp 0 (solve()
 // -> ipm::Result) while, for the instances with helper warps (ipm_pair::kUsesTeam:
 // kTeam), the others serve its Newton matrix (team_inverse.cuh); then the answer to
-// out, written by the whole block.
+// out and the component's rows of the slot split (s), written by the whole block.
 #if defined(__CUDA_ARCH__)  // (the one-warp solvers are device code only)
 template <bool kTeam, typename Sm, typename Solve>
-__device__ __forceinline__ void run_ipm_warp(const blk::Team& team, const View& v, const Sm& sm, int c,
-                                             const SolveOut& out, Solve&& solve) {
+__device__ __forceinline__ void run_ipm_warp(const blk::Team& team, const CompArrays& a, const View& v, const Sm& sm,
+                                             int c, const SolveOut& out, const SlotSplit& s, Solve&& solve) {
   if constexpr (kTeam) {
     __shared__ double res[3];  // warp 0's ipm::Result for the whole block
     team_inverse::clear(sm.schur, v.R, v.R + 1);
@@ -157,9 +169,11 @@ __device__ __forceinline__ void run_ipm_warp(const blk::Team& team, const View& 
     }
     __syncthreads();
     write_out(team, v, c, sm.flow, sm.load, static_cast<int>(res[0]), res[1], static_cast<int>(res[2]), 0, out);
+    slots::component_split(a, c, v, static_cast<int>(res[0]), s, sm.flow);
   } else {
     const ipm::Result r = solve();
     write_out(team, v, c, sm.flow, sm.load, r.converged, r.objective, r.iterations, 0, out);
+    slots::component_split(a, c, v, r.converged, s, sm.flow);
   }
 }
 #endif
@@ -178,7 +192,8 @@ int ipm_warp_threads(int max_ranks) {
 // (solve_ipm_pair.cuh); J experts per lane, at most NR ranks.
 template <int J, int NR, typename T>
 __global__ void __launch_bounds__(kIpmWarpThreads<NR>, 1)
-    ipm_pair_kernel(CompArrays a, const T* loads, int max_iters, double tol, SolveOut out) {
+    ipm_pair_kernel(CompArrays a, const T* loads, int max_iters, double tol, SolveOut out, SlotSplit s) {
+  if (blockIdx.x >= a.n_comp) return slots::fixed_split(s, loads, a.n_comp);
   extern __shared__ double smem[];
   const int c = blockIdx.x;
   blk::Team team{smem};
@@ -186,7 +201,7 @@ __global__ void __launch_bounds__(kIpmWarpThreads<NR>, 1)
   ipm_pair::Smem sm;
   ipm_pair::Smem::layout(&sm, scratch(smem), v.R, v.E, ipm_pair::kUsesTeam<NR>);
 #if defined(__CUDA_ARCH__)  // (ipm_pair::solve is device code only)
-  run_ipm_warp<ipm_pair::kUsesTeam<NR>>(team, v, sm, c, out,
+  run_ipm_warp<ipm_pair::kUsesTeam<NR>>(team, a, v, sm, c, out, s,
                                           [&] { return ipm_pair::solve<J, NR>(v, loads, sm, max_iters, tol); });
 #endif
 }
@@ -196,7 +211,9 @@ __global__ void __launch_bounds__(kIpmWarpThreads<NR>, 1)
 // shared memory after the scratch (work_bytes of it).
 template <int NR, typename T>
 __global__ void __launch_bounds__(kIpmWarpThreads<NR>, 1)
-    ipm_warp_kernel(CompArrays a, const T* loads, int max_iters, double tol, SolveOut out, size_t work_bytes) {
+    ipm_warp_kernel(CompArrays a, const T* loads, int max_iters, double tol, SolveOut out, SlotSplit s,
+                    size_t work_bytes) {
+  if (blockIdx.x >= a.n_comp) return slots::fixed_split(s, loads, a.n_comp);
   extern __shared__ double smem[];
   const int c = blockIdx.x;
   blk::Team team{smem};
@@ -204,7 +221,7 @@ __global__ void __launch_bounds__(kIpmWarpThreads<NR>, 1)
   ipm_warp::Smem sm;
   ipm_warp::Smem::layout(&sm, scratch(smem), v.R, v.E, ipm_pair::kUsesTeam<NR>);
 #if defined(__CUDA_ARCH__)  // (ipm_warp::solve is device code only)
-  run_ipm_warp<ipm_pair::kUsesTeam<NR>>(team, v, sm, c, out,
+  run_ipm_warp<ipm_pair::kUsesTeam<NR>>(team, a, v, sm, c, out, s,
                                           [&] { return ipm_warp::solve<NR>(v, loads, sm, max_iters, tol); });
 #endif
 }
@@ -268,67 +285,6 @@ Scratch plan_scratch(int method, const SolveSizes& sz) {
   return {kAllGlobal, (work_bytes(method, sz, true) + 7) / 8};
 }
 
-// x[p] and cum[e, :] (the bit-exact definition of lplb_plugin.redirect.copy_fractions).
-// Launched right after the solve kernel with launch_pdl: the static arrays and the
-// loads are read while it runs (the solve kernel lets this one in only after its own
-// pdl_wait, when the loads are final), the edge flow and the status after pdl_wait().
-// Each copy's slot, edge and flow are a chain of three dependent loads; the chains of
-// an expert's copies are independent, so they are issued together (kCols at a time),
-// then the arithmetic runs in copy order as the reference's.
-constexpr int kCols = 4;
-template <typename T>
-__global__ void slots_kernel(int n_logical, int n_cols, const T* loads, const int64_t* log2phy, const int64_t* logcnt,
-                             const int* slot_edge, const int* edge_mult, const int* slot_share,
-                             const double* edge_flow, double* x, double* cum, const int* status, int n_comp,
-                             int64_t* total_fallback) {
-  pdl_trigger();  // (the map kernel waits for this one's end anyway)
-  const int e = blockIdx.x * blockDim.x + threadIdx.x;
-  const bool live = e < n_logical;
-  const int64_t* row = log2phy + static_cast<int64_t>(live ? e : 0) * n_cols;
-  const int64_t cnt = live ? logcnt[e] : 0;
-  const double load = live ? static_cast<double>(loads[e]) : 0.0;
-  int64_t p[kCols];
-  int g[kCols];
-  auto slots_of = [&](int k0) {  // copies k0 .. k0 + kCols - 1: their slots and edges
-#pragma unroll
-    for (int q = 0; q < kCols; ++q) p[q] = k0 + q < n_cols ? row[k0 + q] : -1;
-#pragma unroll
-    for (int q = 0; q < kCols; ++q) g[q] = k0 + q < cnt && p[q] >= 0 ? slot_edge[p[q]] : -1;
-  };
-  if (live) slots_of(0);
-  pdl_wait();  // the solve kernel's flow and status from here on
-  if (e == 0 && total_fallback != nullptr) {
-    int64_t bad = 0;
-    for (int c = 0; c < n_comp; ++c) bad += status[c] == 0 ? 1 : 0;
-    *total_fallback += bad;
-  }
-  if (!live) return;
-  double* out = cum + static_cast<int64_t>(e) * n_cols;
-  double s = 0.0;
-  for (int k0 = 0; k0 < n_cols; k0 += kCols) {
-    if (k0 > 0) slots_of(k0);
-    double xp[kCols];
-#pragma unroll
-    for (int q = 0; q < kCols; ++q)
-      xp[q] = k0 + q < cnt && p[q] >= 0 ? (g[q] >= 0 ? edge_flow[g[q]] / edge_mult[g[q]] : load / slot_share[p[q]]) : 0.0;
-#pragma unroll
-    for (int q = 0; q < kCols; ++q) {
-      if (k0 + q >= n_cols) break;
-      if (k0 + q < cnt && p[q] >= 0) {
-        x[p[q]] = xp[q];
-        s = s + (xp[q] > 0.0 ? xp[q] : 0.0);
-      }
-      out[k0 + q] = s;  // running sums for now
-    }
-  }
-  const double total = s;
-  for (int k = 0; k < n_cols; ++k) {
-    double v = total > 0.0 ? __ddiv_rn(out[k], total) : __ddiv_rn(static_cast<double>(k + 1), static_cast<double>(cnt < 1 ? 1 : cnt));
-    v = v > 1.0 ? 1.0 : v;
-    out[k] = k >= cnt - 1 ? 1.0 : v;
-  }
-}
-
 // Lets kernel take smem bytes of dynamic shared memory (above the default 48 KiB).  A
 // refusal is returned and also cleared from the runtime's last error, which the
 // runtime sets as well: left there, the next solve's launch check (cudaGetLastError)
@@ -342,26 +298,28 @@ cudaError_t allow_smem(Kernel kernel, size_t smem) {
   return err;
 }
 
-// allow_smem, then kernel<<<n_comp, threads, bytes, stream>>>(args...) as a
+// allow_smem, then kernel<<<blocks, threads, bytes, stream>>>(args...) as a
 // programmatic dependent launch: the solve kernel may start while the kernel before
 // it (the counts' scan in Planner.run) still runs, staging its static index arrays
 // meanwhile; it reads the loads only after pdl_wait().  A launch error is also
 // cleared from the runtime's last error (see allow_smem).
 template <typename... Params, typename... Args>
-cudaError_t launch_solve(void (*kernel)(Params...), int n_comp, int threads, size_t bytes, cudaStream_t stream,
+cudaError_t launch_solve(void (*kernel)(Params...), int blocks, int threads, size_t bytes, cudaStream_t stream,
                          Args&&... args) {
   if (cudaError_t err = allow_smem(kernel, bytes); err != cudaSuccess) return err;
-  const cudaError_t err = launch_pdl(kernel, n_comp, threads, bytes, stream, std::forward<Args>(args)...);
+  const cudaError_t err = launch_pdl(kernel, blocks, threads, bytes, stream, std::forward<Args>(args)...);
   const cudaError_t last = cudaGetLastError();
   return err != cudaSuccess ? err : last;
 }
 
 template <typename T>
 cudaError_t launch(const CompArrays& a, const SolveSizes& sz, const T* loads, int method, double lipschitz,
-                   int max_rounds, const SolveOut& out, double* global, int ipm_max_iters, double ipm_tol,
-                   cudaStream_t stream) {
-  if (a.n_comp == 0) return cudaSuccess;
+                   int max_rounds, const SolveOut& out, const SlotSplit& s, double* global, int ipm_max_iters,
+                   double ipm_tol, cudaStream_t stream) {
   if (method != 0 && method != 1) return cudaErrorInvalidValue;
+  if (a.n_comp == 0 && s.n_logical == 0) return cudaSuccess;
+  // a block per component, then blocks for the slot split of the experts that cannot move
+  auto grid = [&](int threads) { return a.n_comp + slots::fixed_blocks(s, threads); };
   const size_t head = kRedDoubles * sizeof(double);
   const Scratch plan = plan_scratch(method, sz);
   if (plan.where != kAllShared && global == nullptr) return cudaErrorInvalidValue;
@@ -379,7 +337,7 @@ cudaError_t launch(const CompArrays& a, const SolveSizes& sz, const T* loads, in
     auto kernel = sz.max_ranks <= 8    ? (j1 ? ipm_pair_kernel<1, 8, T> : ipm_pair_kernel<2, 8, T>)
                   : sz.max_ranks <= 16 ? (j1 ? ipm_pair_kernel<1, 16, T> : ipm_pair_kernel<2, 16, T>)
                                        : (j1 ? ipm_pair_kernel<1, 32, T> : ipm_pair_kernel<2, 32, T>);
-    return launch_solve(kernel, a.n_comp, threads, bytes, stream, a, loads, ipm_max_iters, ipm_tol, out);
+    return launch_solve(kernel, grid(threads), threads, bytes, stream, a, loads, ipm_max_iters, ipm_tol, out, s);
   } else if (method == 1 && small_any) {
     const int threads = ipm_warp_threads(sz.max_ranks);
     const size_t work = ipm_warp::Smem::layout(nullptr, nullptr, sz.max_ranks, sz.max_edges, threads > 32);
@@ -387,26 +345,28 @@ cudaError_t launch(const CompArrays& a, const SolveSizes& sz, const T* loads, in
     auto kernel = sz.max_ranks <= 8    ? ipm_warp_kernel<8, T>
                   : sz.max_ranks <= 16 ? ipm_warp_kernel<16, T>
                                        : ipm_warp_kernel<32, T>;
-    return launch_solve(kernel, a.n_comp, threads, bytes, stream, a, loads, ipm_max_iters, ipm_tol, out, work);
+    return launch_solve(kernel, grid(threads), threads, bytes, stream, a, loads, ipm_max_iters, ipm_tol, out, s,
+                        work);
   } else if (method == 1) {
     const size_t bytes = head + (plan.where == kAllGlobal ? 0 : work_bytes(1, sz, inside));
     auto kernel = plan.where == kAllShared    ? ipm_kernel<T, kAllShared>
                   : plan.where == kSchurGlobal ? ipm_kernel<T, kSchurGlobal>
                                                : ipm_kernel<T, kAllGlobal>;
-    return launch_solve(kernel, a.n_comp, kIpmThreads, bytes, stream, a, loads, ipm_max_iters, ipm_tol, out,
-                        global, plan.stride);
+    return launch_solve(kernel, grid(kIpmThreads), kIpmThreads, bytes, stream, a, loads, ipm_max_iters, ipm_tol,
+                        out, s, global, plan.stride);
   } else {
     // the exact kernels' shared memory: scratch, then the staged index arrays
     const size_t work = plan.where == kAllGlobal ? 0 : work_bytes(0, sz, inside);
     const size_t bytes = head + (plan.where == kAllGlobal ? 0 : work + staged);
     if (small_pairs) {
       auto kernel = sz.max_experts <= 32 ? pair_kernel<1, T> : pair_kernel<2, T>;
-      return launch_solve(kernel, a.n_comp, 32, bytes, stream, a, loads, lipschitz, max_rounds, out, work);
+      return launch_solve(kernel, grid(32), 32, bytes, stream, a, loads, lipschitz, max_rounds, out, s, work);
     } else if (small_any_exact) {  // (two-copy placements keep pair_kernel above)
       const size_t warp_work = exact_warp::Smem::layout(nullptr, nullptr, sz.max_ranks, sz.max_experts, sz.max_edges);
       const size_t warp_bytes = head + warp_work + staged;
       auto kernel = exact_warp_kernel<T>;
-      return launch_solve(kernel, a.n_comp, 32, warp_bytes, stream, a, loads, lipschitz, max_rounds, out, warp_work);
+      return launch_solve(kernel, grid(32), 32, warp_bytes, stream, a, loads, lipschitz, max_rounds, out, s,
+                          warp_work);
     } else {
       // one warp per 32 of the largest component's edges / experts + ranks (at least
       // one, at most 8): small components get cheap barriers, large ones enough lanes
@@ -416,8 +376,8 @@ cudaError_t launch(const CompArrays& a, const SolveSizes& sz, const T* loads, in
       auto kernel = plan.where == kAllShared    ? exact_kernel<T, kAllShared>
                     : plan.where == kSchurGlobal ? exact_kernel<T, kSchurGlobal>
                                                  : exact_kernel<T, kAllGlobal>;
-      return launch_solve(kernel, a.n_comp, threads, bytes, stream, a, loads, lipschitz, max_rounds, out, global,
-                          plan.stride, work);
+      return launch_solve(kernel, grid(threads), threads, bytes, stream, a, loads, lipschitz, max_rounds, out, s,
+                          global, plan.stride, work);
     }
   }
 }
@@ -427,27 +387,12 @@ cudaError_t launch(const CompArrays& a, const SolveSizes& sz, const T* loads, in
 size_t solve_global_doubles(const SolveSizes& sz, int method) { return plan_scratch(method, sz).stride; }
 
 cudaError_t solve_split(const CompArrays& a, const SolveSizes& sz, const void* loads, bool loads_int32, int method,
-                        double lipschitz, int max_rounds, const SolveOut& out, double* global,
-                        int ipm_max_iters, double ipm_tol, cudaStream_t stream) {
-  return loads_int32 ? launch(a, sz, static_cast<const int32_t*>(loads), method, lipschitz, max_rounds, out, global,
-                              ipm_max_iters, ipm_tol, stream)
-                     : launch(a, sz, static_cast<const double*>(loads), method, lipschitz, max_rounds, out, global,
-                              ipm_max_iters, ipm_tol, stream);
-}
-
-cudaError_t slot_split(int n_logical, int n_cols, const void* loads, bool loads_int32, const int64_t* log2phy,
-                       const int64_t* logcnt, const int* slot_edge, const int* edge_mult, const int* slot_share,
-                       const double* edge_flow, double* x, double* cum, const int* status, int n_comp,
-                       int64_t* total_fallback, cudaStream_t stream) {
-  if (n_logical == 0) return cudaSuccess;
-  const int threads = 128, blocks = (n_logical + threads - 1) / threads;
-  if (loads_int32)
-    return launch_pdl(slots_kernel<int32_t>, blocks, threads, 0, stream, n_logical, n_cols,
-                      static_cast<const int32_t*>(loads), log2phy, logcnt, slot_edge, edge_mult, slot_share, edge_flow,
-                      x, cum, status, n_comp, total_fallback);
-  return launch_pdl(slots_kernel<double>, blocks, threads, 0, stream, n_logical, n_cols,
-                    static_cast<const double*>(loads), log2phy, logcnt, slot_edge, edge_mult, slot_share, edge_flow, x,
-                    cum, status, n_comp, total_fallback);
+                        double lipschitz, int max_rounds, const SolveOut& out, const SlotSplit& slots,
+                        double* global, int ipm_max_iters, double ipm_tol, cudaStream_t stream) {
+  return loads_int32 ? launch(a, sz, static_cast<const int32_t*>(loads), method, lipschitz, max_rounds, out, slots,
+                              global, ipm_max_iters, ipm_tol, stream)
+                     : launch(a, sz, static_cast<const double*>(loads), method, lipschitz, max_rounds, out, slots,
+                              global, ipm_max_iters, ipm_tol, stream);
 }
 
 }  // namespace lplb

@@ -25,21 +25,16 @@ struct SolveSizes {
 // solve_split.
 size_t solve_global_doubles(const SolveSizes& sz, int method);
 
-// One block per component.  loads: int32 or float64 [L] global tokens per logical
-// expert.  method 0 = exact (lipschitz, max_rounds), 1 = ipm (ipm_max_iters, ipm_tol,
-// as lplb_plugin.solvers.ipm.solve_ipm takes them).  global: solve_global_doubles(sz,
-// method) doubles per component, or null when that is 0.  Writes out (graph
-// numbering).  No host sync.
+// One block per component, in one kernel.  loads: int32 or float64 [L] global tokens
+// per logical expert.  method 0 = exact (lipschitz, max_rounds), 1 = ipm
+// (ipm_max_iters, ipm_tol, as lplb_plugin.solvers.ipm.solve_ipm takes them).  global:
+// solve_global_doubles(sz, method) doubles per component, or null when that is 0.
+// Writes out (graph numbering), and the per-slot split x [P] and cumulative copy
+// shares cum [L, C] into slots (the same kernel: slot_split.cuh); when
+// slots.total_fallback is not null, the number of components whose status is 0 is
+// added to it (a running count).  No host sync.
 cudaError_t solve_split(const CompArrays& a, const SolveSizes& sz, const void* loads, bool loads_int32, int method,
-                        double lipschitz, int max_rounds, const SolveOut& out, double* global,
-                        int ipm_max_iters, double ipm_tol, cudaStream_t stream);
-
-// Per-slot split x [P] and cumulative copy shares cum [L, n_cols] from an edge flow.
-// If total_fallback is not null, the number of the n_comp components whose status is 0
-// is added to it (a running count).
-cudaError_t slot_split(int n_logical, int n_cols, const void* loads, bool loads_int32, const int64_t* log2phy,
-                       const int64_t* logcnt, const int* slot_edge, const int* edge_mult, const int* slot_share,
-                       const double* edge_flow, double* x, double* cum, const int* status, int n_comp,
-                       int64_t* total_fallback, cudaStream_t stream);
+                        double lipschitz, int max_rounds, const SolveOut& out, const SlotSplit& slots,
+                        double* global, int ipm_max_iters, double ipm_tol, cudaStream_t stream);
 
 }  // namespace lplb

@@ -107,6 +107,22 @@ struct SolveOut {
   int* iters;         // [2C]
 };
 
+// The per-slot split the solve kernels also write (slot_split.cuh): the placement's
+// tables in, x and cum out.
+struct SlotSplit {
+  int n_logical, n_cols;     // L, C
+  const int64_t* log2phy;    // [L, C] slots of each logical expert (-1 padded)
+  const int64_t* logcnt;     // [L] copies of each
+  const int* slot_edge;      // [P] edge of each slot (graph numbering), -1 for experts that cannot move
+  const int* edge_mult;      // [E_graph] slots on each edge
+  const int* slot_share;     // [P] slots of the same expert on the same rank
+  const int* copies;         // [M, 1 + 2 C] per movable expert (exp_log order): copies, then
+                             // (slot, local edge) per copy (ComponentArrays.copy_table)
+  double* x;                 // [P] out: tokens per slot
+  double* cum;               // [L, C] out: cumulative copy shares
+  int64_t* total_fallback;   // null, or a running count of components whose status is 0
+};
+
 // Scatter one component's flow and loads into the graph-numbered outputs.
 LPLB_HD void write_out(const blk::Team& t, const View& v, int c, const double* flow, const double* load,
                        int status, double bound, int it_outer, int it_inner, const SolveOut& out) {

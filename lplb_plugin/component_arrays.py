@@ -135,6 +135,42 @@ class ComponentArrays:
             edge_mult=t(e_mult), edge_global=t(e_glob), rank_ptr=t(rank_ptr), rank_edges=t(rank_edges),
         )
 
+    def copy_table(self, graph: SplitGraph, log2phy: torch.Tensor, logcnt: torch.Tensor) -> torch.Tensor:
+        """int32 ``[M, 1 + 2 C]`` (``C = log2phy.shape[1]``): per movable expert, in
+        ``exp_log`` order, its number of copies, then per copy ``k`` (``log2phy``
+        column order) its slot and the component-local edge that slot lies on (``-1``
+        beyond its copies).  The solve kernels write the per-slot split and the copy
+        shares of their component's experts from it straight after the solve: a copy's
+        tokens are its local edge's flow over that edge's slots, with no search
+        through the placement's tables (``csrc/slot_split.cuh``).
+
+        Arguments: ``graph`` the placement's split graph these arrays were built from;
+        ``log2phy`` int ``[L, C]``, ``logcnt`` int ``[L]`` its tables (on any device).
+        """
+        log2phy = log2phy.to("cpu", torch.int64)
+        logcnt = logcnt.to("cpu", torch.int64)
+        n_cols = log2phy.shape[1]
+        exp_log = self.exp_log.to("cpu", torch.int64)
+        table = torch.full((exp_log.numel(), 1 + 2 * n_cols), -1, dtype=torch.int64)
+        if exp_log.numel() == 0:
+            return table.to(torch.int32)
+        # component of each movable expert, and the local id of each graph edge
+        exp_off = self.comp_exp_off.to("cpu", torch.int64)
+        edge_off = self.comp_edge_off.to("cpu", torch.int64)
+        comp = torch.searchsorted(exp_off, torch.arange(exp_log.numel()), right=True) - 1
+        local = torch.full((graph.n_edges,), -1, dtype=torch.int64)
+        glob = self.edge_global.to("cpu", torch.int64)
+        local[glob] = torch.arange(glob.numel())
+        cnt = logcnt[exp_log]
+        slots = log2phy[exp_log]  # [M, C]
+        live = (torch.arange(n_cols).unsqueeze(0) < cnt.unsqueeze(1)) & (slots >= 0)
+        edge = torch.where(live, graph.slot_edge[slots.clamp(min=0)], torch.full_like(slots, -1))
+        edge_local = torch.where(edge >= 0, local[edge.clamp(min=0)] - edge_off[comp].unsqueeze(1), edge)
+        table[:, 0] = cnt
+        table[:, 1::2] = torch.where(live, slots, torch.full_like(slots, -1))
+        table[:, 2::2] = edge_local
+        return table.to(torch.int32)
+
     def to(self, device: torch.device | str) -> "ComponentArrays":
         """A copy with every tensor on ``device``."""
         kw = {f.name: getattr(self, f.name) for f in fields(self)}

@@ -180,6 +180,7 @@ class DeviceSolver:
             graph.log_slots_on_rank.to(**i32).contiguous(),
             log2phy.to(device=device, dtype=torch.int64).contiguous(),
             logcnt.to(device=device, dtype=torch.int64).contiguous(),
+            arrays.copy_table(graph, log2phy, logcnt).to(device).contiguous(),
         ]
         self.n_ranks = graph.n_ranks
         self.n_logical = graph.n_logical

@@ -48,3 +48,36 @@ def test_arrays_describe_the_graph():
         a = ComponentArrays.from_graph(inst.graph)
         assert all(t.dtype == torch.int32 for t in a.tensors())
         _check(inst.graph, a)
+
+
+def test_copy_table_gives_the_reference_slot_split():
+    """A copy's tokens read through the table (its local edge's flow over that edge's
+    slots, as csrc/slot_split.cuh reads them) are SplitGraph.slot_split's, for every
+    movable expert's copies in log2phy order; past an expert's copies the table holds
+    -1."""
+    gen = torch.Generator().manual_seed(5)
+    seen = set()
+    for inst in instances(60, seed=2):
+        if id(inst.graph) in seen:
+            continue
+        seen.add(id(inst.graph))
+        g, p = inst.graph, inst.placement
+        a = ComponentArrays.from_graph(g)
+        table = a.copy_table(g, p.log2phy, p.logcnt)
+        C = p.log2phy.shape[1]
+        assert table.dtype == torch.int32 and tuple(table.shape) == (g.n_movable, 1 + 2 * C)
+        flow = torch.rand(g.n_edges, generator=gen, dtype=torch.float64) * 100
+        x = g.slot_split(inst.loads, flow)
+        for c in range(a.n_comp):
+            mb, me, eb = int(a.comp_exp_off[c]), int(a.comp_exp_off[c + 1]), int(a.comp_edge_off[c])
+            for m in range(mb, me):
+                e, cnt = int(a.exp_log[m]), int(table[m, 0])
+                assert cnt == int(p.logcnt[e])
+                for k in range(C):
+                    slot, local = int(table[m, 1 + 2 * k]), int(table[m, 2 + 2 * k])
+                    if k >= cnt:
+                        assert slot == -1 and local == -1
+                        continue
+                    assert slot == int(p.log2phy[e, k])
+                    tokens = float(flow[int(a.edge_global[eb + local])]) / int(a.edge_mult[eb + local])
+                    assert tokens == float(x[slot]), (inst.name, e, k)
