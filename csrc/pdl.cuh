@@ -3,9 +3,10 @@
 // pdl_wait() before it reads that kernel's output.  The previous kernel lets it in
 // early with pdl_trigger(); one that never calls it lets it in when it ends.
 //
-// Why: the Planner's stages are a chain of short kernels (histogram -> scan -> solve
-// -> slots -> map) where each waits on its predecessor's output, so a launch's
-// latency and a kernel's ramp-up would otherwise add up on the critical path.
+// Why: the Planner's stages are a chain of short kernels (histogram -> scan -> solve,
+// which also writes the per-slot split -> map) where each waits on its predecessor's
+// output, so a launch's latency and a kernel's ramp-up would otherwise add up on the
+// critical path.
 //
 // The rule that keeps it correct: before pdl_wait(), a kernel launched this way reads
 // nothing that a kernel launched just before it may write, and writes nothing any

@@ -149,8 +149,8 @@ class DeviceSplit:
 
 class DeviceSolver:
     """The solve kernels for one placement on one GPU: one thread block per connected
-    component of the replica graph, then the per-slot split.  Built once per placement
-    (the index arrays move to the device here); :meth:`solve` never synchronises and
+    component of the replica graph, which also writes the per-slot split.  Built once
+    per placement (the index arrays and the copy table move to the device here); :meth:`solve` never synchronises and
     can be captured in a CUDA graph.
 
     Args:
