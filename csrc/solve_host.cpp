@@ -3,6 +3,7 @@
 // kernels' algorithm is checked against the reference on machines without a GPU.
 #include <vector>
 
+#include "slot_split.cuh"
 #include "solve_exact.cuh"
 #include "solve_ipm.cuh"
 // the one-warp two-copy solver, its warp emulated by 32 host threads
@@ -141,10 +142,12 @@ void each_exact_warp_component(const lplb::CompArrays& a, const lplb::SolveOut& 
       const int *edge_mult, const int *edge_global, const int *rank_ptr, const int *rank_edges
 #define LPLB_HOST_OUT double *edge_flow, double *rank_load, int *status, double *bound, int *iters
 // ... and the two structs the kernels take, built from those parameters
-#define LPLB_HOST_STRUCTS                                                                                 \
+#define LPLB_HOST_COMP                                                                                    \
   const lplb::CompArrays a{n_comp,    comp_rank_off, comp_exp_off, comp_edge_off, rank_global, fix_off,   \
                            fix_log,   fix_div,       exp_log,      exp_ptr,       edge_rank,   edge_exp,  \
-                           edge_mult, edge_global,   rank_ptr,     rank_edges};                           \
+                           edge_mult, edge_global,   rank_ptr,     rank_edges}
+#define LPLB_HOST_STRUCTS \
+  LPLB_HOST_COMP;         \
   const lplb::SolveOut out{edge_flow, rank_load, status, bound, iters}
 
 extern "C" {
@@ -245,6 +248,32 @@ int lplb_solve_ipm_warp_host(LPLB_HOST_ARRAYS, const double* loads, int max_iter
            : l.R <= 16 ? iw::solve<16>(v, loads, sm, max_iters, tol)
                        : iw::solve<32>(v, loads, sm, max_iters, tol);
   });
+  return 0;
+}
+
+// The per-slot split x [P] and copy shares cum [L, C] of an edge flow (edge_flow
+// float64 [E], graph numbering), as the solve kernels write them (slot_split.cuh):
+// each component's movable experts from the copy table (copies:
+// ComponentArrays.copy_table) and the component's local flows, then the experts that
+// cannot move.  Same arrays as the solvers, then log2phy int64 [L, C], logcnt int64
+// [L], slot_edge and slot_share int32 [P], graph_edge_mult int32 [E], loads float64
+// [L].  Returns 0.
+int lplb_slot_split_host(LPLB_HOST_ARRAYS, const int* copies, int n_logical, int n_cols, const int64_t* log2phy,
+                         const int64_t* logcnt, const int* slot_edge, const int* graph_edge_mult,
+                         const int* slot_share, const double* loads, const double* edge_flow, double* x,
+                         double* cum) {
+  LPLB_HOST_COMP;
+  const lplb::SlotSplit s{n_logical, n_cols, log2phy, logcnt, slot_edge, graph_edge_mult, slot_share,
+                          copies,    x,      cum,     nullptr};
+  for (int c = 0; c < a.n_comp; ++c) {
+    const lplb::View v = lplb::View::of(a, c);
+    std::vector<double> flow(v.E);  // the solver's local flow array
+    for (int i = 0; i < v.E; ++i) flow[i] = edge_flow[v.edge_global[i]];
+    for (int m = 0; m < v.M; ++m)
+      lplb::slots::movable_row(s, lplb::slots::copy_line(s, a.comp_exp_off[c] + m), v.exp_log[m], flow.data(),
+                               v.edge_mult);
+  }
+  lplb::slots::fixed_rows(s, loads, 0, 1);
   return 0;
 }
 

@@ -158,6 +158,33 @@ def solve_host(graph: SplitGraph, loads: torch.Tensor, method: str = "exact", fm
     return HostSolve(torch.from_numpy(flow), torch.from_numpy(rank), status, bound, iters.reshape(C, 2), arrays)
 
 
+def slot_split_host(graph: SplitGraph, log2phy: torch.Tensor, logcnt: torch.Tensor, loads: torch.Tensor,
+                    edge_flow: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-slot split ``x`` (float64 ``[P]``) and copy shares ``cum`` (float64
+    ``[L, C]``) of ``edge_flow`` (float64 ``[E]``) as the solve kernels write them
+    (csrc/slot_split.cuh, built for the CPU): from ComponentArrays.copy_table and each
+    component's local flows, then the experts that cannot move."""
+    arrays = ComponentArrays.from_graph(graph)
+    lib = library()
+    ints = _int_arrays(arrays)
+    i32 = [np.ascontiguousarray(t.numpy(), dtype=np.int32) for t in (
+        arrays.copy_table(graph, log2phy, logcnt), graph.slot_edge, graph.edge_mult, graph.log_slots_on_rank)]
+    i64 = [np.ascontiguousarray(t.numpy(), dtype=np.int64) for t in (log2phy, logcnt)]
+    ld = np.ascontiguousarray(loads.to(torch.float64).numpy())
+    flow = np.ascontiguousarray(edge_flow.to(torch.float64).numpy())
+    L, C = log2phy.shape
+    x = np.full(graph.slot_edge.numel(), np.nan)
+    cum = np.full((L, C), np.nan)
+    rc = lib.lplb_slot_split_host(
+        ctypes.c_int(arrays.n_comp), *[_ptr(a, ctypes.c_int) for a in ints], _ptr(i32[0], ctypes.c_int),
+        ctypes.c_int(L), ctypes.c_int(C), _ptr(i64[0], ctypes.c_int64), _ptr(i64[1], ctypes.c_int64),
+        _ptr(i32[1], ctypes.c_int), _ptr(i32[2], ctypes.c_int), _ptr(i32[3], ctypes.c_int),
+        _ptr(ld, ctypes.c_double), _ptr(flow, ctypes.c_double), _ptr(x, ctypes.c_double), _ptr(cum, ctypes.c_double),
+    )
+    assert rc == 0
+    return torch.from_numpy(x), torch.from_numpy(cum)
+
+
 def failed_attempts_check(method: str, usable=lambda graph: True) -> int:
     """Components that certify only in a later round: each failed attempt stops as soon
     as the projection's dual proves its bound too low (exact::project), so together
