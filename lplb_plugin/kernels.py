@@ -150,8 +150,8 @@ class DeviceSplit:
 class DeviceSolver:
     """The solve kernels for one placement on one GPU: one thread block per connected
     component of the replica graph, which also writes the per-slot split.  Built once
-    per placement (the index arrays and the copy table move to the device here); :meth:`solve` never synchronises and
-    can be captured in a CUDA graph.
+    per placement (the index arrays and the copy table move to the device here);
+    :meth:`solve` never synchronises and can be captured in a CUDA graph.
 
     Args:
         graph: the placement's :class:`~lplb_plugin.problem.SplitGraph`.
