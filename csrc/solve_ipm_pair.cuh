@@ -22,9 +22,10 @@
 // multipliers, so that the predictor's two right-hand sides and the corrector's one
 // are substituted with the same factor; beyond, helper warps invert it and apply the
 // inverse (team_inverse.cuh, NewtonFactor below).  Pivots <= 0 are counted and
-// regularised exactly as blk::ldlt_factor and ipm::factor do.  Differences from ipm::solve are rounding only
-// (sums in another order, the elimination's upper triangle instead of L D L^T): the
-// tests compare the two builds on every two-copy placement.
+// regularised exactly as blk::ldlt_factor and ipm::factor do.  Differences from
+// ipm::solve are rounding only (sums in another order, the elimination's upper
+// triangle instead of L D L^T): the tests compare the two builds on every two-copy
+// placement.
 #pragma once
 
 #include <type_traits>
@@ -202,7 +203,9 @@ struct TeamFactor {
     team_inverse::stage<true>(n, s, b1, b2);
   }
   // (schur holds assemble<true>'s sums; the helpers add nu as they load it)
-  __device__ __forceinline__ int factor(const double*, int, double nu) { return team_inverse::invert_on_helpers(s, nu); }
+  __device__ __forceinline__ int factor(const double*, int, double nu) {
+    return team_inverse::invert_on_helpers(s, nu);
+  }
   template <bool kTwo>
   __device__ __forceinline__ void solve(int n, double b1, double b2, double& x1, double& x2) const {
     team_inverse::solve_on_helpers<kTwo>(n, s, b1, b2, x1, x2);

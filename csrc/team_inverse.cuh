@@ -21,9 +21,10 @@
 // 1 / p00 and 1 / s instead, two divisions on the step's chain, the torus IPM took
 // 53.0 us instead of 50.5.  The pivot tests are L D L^T's: p00 > 0, and det > 0
 // (s > 0); a failed one is counted (the IPM then rebuilds S with more
-// regularisation, as after pair::factor_reg) and its pivot used as 1e-300.  By symmetry, row i's multipliers are entries of the two pivot rows,
-// which the rows' owners publish in shared memory (double-buffered, one helpers'
-// barrier per step): no shuffles, and every helper computes the same pivots.
+// regularisation, as after pair::factor_reg) and its pivot used as 1e-300.  By
+// symmetry, row i's multipliers are entries of the two pivot rows, which the rows'
+// owners publish in shared memory (double-buffered, one helpers' barrier per step): no
+// shuffles, and every helper computes the same pivots.
 //
 // Layout: helper thread t (warp h + 1, lane i) holds row i, columns kCols * h ..
 // kCols * h + kCols - 1, of the matrix and in the end of -S^-1.  Rows and columns from
