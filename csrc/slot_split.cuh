@@ -48,6 +48,18 @@ LPLB_HD void normalise_row(const SlotSplit& s, double* out, double total, int64_
   }
 }
 
+// Copy k of an expert with cnt copies, at slot p (< 0: none) with xp tokens: x[p], and
+// out[k] the running sum of the copies' tokens (clamped at 0) in copy order, as the
+// reference sums them.
+template <typename I>  // (int or int64_t: the index types of the caller's tables)
+LPLB_HD void add_copy(const SlotSplit& s, double* out, int k, I cnt, I p, double xp, double& sum) {
+  if (k < cnt && p >= 0) {
+    s.x[p] = xp;
+    sum = sum + (xp > 0.0 ? xp : 0.0);
+  }
+  out[k] = sum;  // running sums for now
+}
+
 // Expert e's row from its copies: x at its slots, cum[e, :] = out.  cnt: its copies;
 // copy(k, p, xp) gives copy k's slot p (< 0: none) and its tokens xp (read only where
 // k < cnt and p >= 0).  The arithmetic runs in copy order as the reference's.
@@ -59,11 +71,7 @@ LPLB_HD void write_row(const SlotSplit& s, int e, int64_t cnt, Copy&& copy) {
     int64_t p = -1;
     double xp = 0.0;
     copy(k, p, xp);
-    if (k < cnt && p >= 0) {
-      s.x[p] = xp;
-      sum = sum + (xp > 0.0 ? xp : 0.0);
-    }
-    out[k] = sum;  // running sums for now
+    add_copy(s, out, k, cnt, p, xp, sum);
   }
   normalise_row(s, out, sum, cnt);
 }
@@ -116,11 +124,7 @@ LPLB_PRAGMA(unroll)
 LPLB_PRAGMA(unroll)
     for (int q = 0; q < kCols; ++q) {
       if (k0 + q >= s.n_cols) break;
-      if (k0 + q < cnt && p[q] >= 0) {
-        s.x[p[q]] = xp[q];
-        sum = sum + (xp[q] > 0.0 ? xp[q] : 0.0);
-      }
-      out[k0 + q] = sum;  // running sums for now
+      add_copy(s, out, k0 + q, cnt, p[q], xp[q], sum);
     }
   }
   normalise_row(s, out, sum, cnt);

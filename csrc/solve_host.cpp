@@ -265,14 +265,13 @@ int lplb_slot_split_host(LPLB_HOST_ARRAYS, const int* copies, int n_logical, int
   LPLB_HOST_COMP;
   const lplb::SlotSplit s{n_logical, n_cols, log2phy, logcnt, slot_edge, graph_edge_mult, slot_share,
                           copies,    x,      cum,     nullptr};
-  for (int c = 0; c < a.n_comp; ++c) {
-    const lplb::View v = lplb::View::of(a, c);
+  each_component(a, [&](const lplb::blk::Team&, const lplb::View& v, int c) {
     std::vector<double> flow(v.E);  // the solver's local flow array
     for (int i = 0; i < v.E; ++i) flow[i] = edge_flow[v.edge_global[i]];
     for (int m = 0; m < v.M; ++m)
       lplb::slots::movable_row(s, lplb::slots::copy_line(s, a.comp_exp_off[c] + m), v.exp_log[m], flow.data(),
                                v.edge_mult);
-  }
+  });
   lplb::slots::fixed_rows(s, loads, 0, 1);
   return 0;
 }
