@@ -85,9 +85,9 @@ __global__ void __launch_bounds__(kSolveThreads) exact_kernel(CompArrays a, cons
 }
 
 // One warp per component, every component small and two-copy (solve_pair.cuh); J
-// experts per lane.  The same shared-memory layout as exact_kernel<T, true> (the
-// launcher sizes both alike).
-template <int J, typename T>
+// experts per lane; kSubsets: pair::solve's.  The same shared-memory layout as
+// exact_kernel<T, true> (the launcher sizes both alike).
+template <int J, bool kSubsets, typename T>
 __global__ void __launch_bounds__(32, 1) pair_kernel(CompArrays a, const T* loads, double lipschitz, int max_rounds,
                                                   SolveOut out, SlotSplit s, size_t work_bytes) {
   if (blockIdx.x >= a.n_comp) return slots::fixed_split(s, loads, a.n_comp);
@@ -98,7 +98,7 @@ __global__ void __launch_bounds__(32, 1) pair_kernel(CompArrays a, const T* load
   exact::Work w;
   exact::Work::layout(&w, scratch(smem), v.R, v.M, v.E, true);
 #if defined(__CUDA_ARCH__)  // (pair::solve is device code only)
-  const exact::Result r = pair::solve<J>(v, loads, w, lipschitz, max_rounds);
+  const exact::Result r = pair::solve<J, kSubsets>(v, loads, w, lipschitz, max_rounds);
   write_out(team, v, c, w.flow, w.load, r.certified, r.bound, r.rounds, r.newton_iters, out);
   slots::component_split(a, c, v, r.certified, s, w.flow);
 #endif
@@ -107,7 +107,8 @@ __global__ void __launch_bounds__(32, 1) pair_kernel(CompArrays a, const T* load
 // The exact method in one warp per component, every component small (any number of
 // copies per expert; solve_exact_warp.cuh).  The index arrays are staged in shared
 // memory after the scratch (work_bytes of it), as ipm_warp_kernel stages them.
-template <typename T>
+// kSubsets: exact_warp::solve's.
+template <bool kSubsets, typename T>
 __global__ void __launch_bounds__(32, 1) exact_warp_kernel(CompArrays a, const T* loads, double lipschitz,
                                                         int max_rounds, SolveOut out, SlotSplit s,
                                                         size_t work_bytes) {
@@ -119,7 +120,7 @@ __global__ void __launch_bounds__(32, 1) exact_warp_kernel(CompArrays a, const T
   exact_warp::Smem sm;
   exact_warp::Smem::layout(&sm, scratch(smem), v.R, v.M, v.E);
 #if defined(__CUDA_ARCH__)  // (exact_warp::solve is device code only)
-  const exact::Result r = exact_warp::solve(v, loads, sm, lipschitz, max_rounds);
+  const exact::Result r = exact_warp::solve<kSubsets>(v, loads, sm, lipschitz, max_rounds);
   write_out(team, v, c, sm.flow, sm.load, r.certified, r.bound, r.rounds, r.newton_iters, out);
   slots::component_split(a, c, v, r.certified, s, sm.flow);
 #endif
@@ -358,13 +359,17 @@ cudaError_t launch(const CompArrays& a, const SolveSizes& sz, const T* loads, in
     // the exact kernels' shared memory: scratch, then the staged index arrays
     const size_t work = plan.where == kAllGlobal ? 0 : work_bytes(0, sz, inside);
     const size_t bytes = head + (plan.where == kAllGlobal ? 0 : work + staged);
+    // components of at most pair::kSubsetRanks ranks: the enumerated bound (one expert
+    // per lane; larger components keep kernels without it, their code unchanged)
+    const bool subsets = sz.max_ranks <= pair::kSubsetRanks && sz.max_experts <= 32;
     if (small_pairs) {
-      auto kernel = sz.max_experts <= 32 ? pair_kernel<1, T> : pair_kernel<2, T>;
+      auto kernel = subsets ? pair_kernel<1, true, T>
+                            : (sz.max_experts <= 32 ? pair_kernel<1, false, T> : pair_kernel<2, false, T>);
       return launch_solve(kernel, grid(32), 32, bytes, stream, a, loads, lipschitz, max_rounds, out, s, work);
     } else if (small_any_exact) {  // (two-copy placements keep pair_kernel above)
       const size_t warp_work = exact_warp::Smem::layout(nullptr, nullptr, sz.max_ranks, sz.max_experts, sz.max_edges);
       const size_t warp_bytes = head + warp_work + staged;
-      auto kernel = exact_warp_kernel<T>;
+      auto kernel = subsets ? exact_warp_kernel<true, T> : exact_warp_kernel<false, T>;
       return launch_solve(kernel, grid(32), 32, warp_bytes, stream, a, loads, lipschitz, max_rounds, out, s,
                           warp_work);
     } else {

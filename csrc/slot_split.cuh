@@ -28,10 +28,12 @@ namespace slots {
 // Copies whose loads are issued together (movable_row).
 constexpr int kCols = 4;
 
-// a / b rounded to nearest, never fused or approximated (the reference's division).
+// a / b rounded to nearest, never fused or approximated (the reference's division);
+// a zero numerator as blk::div_nz has it (no slow path; many shares are 0).
 LPLB_HD double div_rn(double a, double b) {
 #if defined(__CUDA_ARCH__)
-  return __ddiv_rn(a, b);
+  const double q = __ddiv_rn(a != 0.0 ? a : 1.0, b);
+  return a != 0.0 ? q : a * q;
 #else
   return a / b;
 #endif
@@ -87,7 +89,7 @@ LPLB_HD void global_row(const SlotSplit& s, int e, double load, const double* ed
     p = row[k];
     if (k >= cnt || p < 0) return;
     const int g = s.slot_edge[p];
-    xp = g >= 0 ? edge_flow[g] / s.edge_mult[g] : load / s.slot_share[p];
+    xp = g >= 0 ? blk::div_nz(edge_flow[g], s.edge_mult[g]) : blk::div_nz(load, s.slot_share[p]);
   });
 }
 
@@ -120,7 +122,7 @@ LPLB_PRAGMA(unroll)
     }
     double xp[kCols];
 LPLB_PRAGMA(unroll)
-    for (int q = 0; q < kCols; ++q) xp[q] = i[q] >= 0 ? flow[i[q]] / edge_mult[i[q]] : 0.0;
+    for (int q = 0; q < kCols; ++q) xp[q] = i[q] >= 0 ? blk::div_nz(flow[i[q]], edge_mult[i[q]]) : 0.0;
 LPLB_PRAGMA(unroll)
     for (int q = 0; q < kCols; ++q) {
       if (k0 + q >= s.n_cols) break;

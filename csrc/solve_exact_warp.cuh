@@ -153,7 +153,7 @@ __device__ __forceinline__ void setup(const View& v, const T* loads, Lane& L) {
   L.inv_dal = 1.0;
   double slots = 0.0;
   for (int e = L.lo; e < L.hi; ++e) slots += v.edge_mult[e];
-  const double x0 = L.demand / (slots > 1.0 ? slots : 1.0);
+  const double x0 = blk::div_nz(L.demand, slots > 1.0 ? slots : 1.0);  // (0 on lanes past M)
   L.has_edge = lane < v.E;
   L.er = L.has_edge ? v.edge_rank[lane] : 0;
   L.em = L.has_edge ? v.edge_exp[lane] : 0;
@@ -529,7 +529,7 @@ __device__ __forceinline__ bool rescale_and_check(const View& v, Lane& L, const 
   for (int j = L.elo; j < L.ehi; ++j) tot += sm.e2[j];
   const bool live = L.c > 0.0, vanished = live && !(tot > 0.0);
   const bool dead = L.has_edge && vanished && !(L.c <= tol);
-  const double fac = live && !vanished ? L.c / tot : 0.0;
+  const double fac = live && !vanished ? blk::div_nz(L.c, tot) : 0.0;
   L.flow = !live ? 0.0 : (vanished ? L.mult * L.x0 : L.flow * fac);
   if (__ballot_sync(kFull, dead) != 0u) return false;
   rank_loads(v, L, sm, L.flow);
@@ -559,8 +559,8 @@ __device__ bool project(const View& v, Lane& L, const Smem& sm, double bound, do
 // ---------------------------------------------------------------- driver
 // Solves the component (one warp); the split ends in sm.flow, its loads in sm.load, as
 // exact::solve leaves them in w.flow / w.load.  v: the staged view (index arrays in
-// shared memory).
-template <typename T>
+// shared memory).  kSubsets: as pair::solve's.
+template <bool kSubsets, typename T>
 __device__ exact::Result solve(const View& v, const T* loads, const Smem& sm, double lipschitz, int max_rounds) {
   exact::Result res{1, 0, 0, 0.0};
   [[maybe_unused]] Prof P;
@@ -593,22 +593,38 @@ __device__ exact::Result solve(const View& v, const T* loads, const Smem& sm, do
   int done = 0;
   // 0 rounds (a test hook, like the reference's empty round list): the fallback path
   const int rounds = max_rounds < 0 ? 0 : (max_rounds > 5 ? 5 : max_rounds);
+  // With kSubsets the first bound is the optimum itself (pair::subset_bound), with no
+  // FISTA sweeps; should that attempt not certify (rounding), the later rounds run as
+  // without.  Each expert counts once, at its first edge, with the ranks of all its
+  // edges.  (One call of project for both, as pair::solve has it.)
   for (int rnd = 0; rnd < rounds; ++rnd) {
-    for (int it = exact::rounds_done(rnd) - done; it > 0; --it) {
-      const double t_new = 0.5 * (1.0 + sqrt(1.0 + 4.0 * t_k * t_k));
-      fista_sweep(v, L, sm, step, (t_k - 1.0) / t_new, simplex);
-      t_k = t_new;
-    }
-    LPLB_TICK(P, 1);
-    done = exact::rounds_done(rnd);
-    rank_loads(v, L, sm, L.y);
-    const double amax = wmax(L.has_rank ? L.load : -HUGE_VAL);
-    if (amax < best_max) {
-      best_max = amax;
-      L.best = L.y;
-    }
+    const bool subsets = kSubsets && rnd == 0 && v.R <= pair::kSubsetRanks;
     bool pin;
-    const double pb = prefix_bound(v, L, sm, pin);
+    double pb;
+    if (subsets) {
+      unsigned ranks = 0u;
+LPLB_PRAGMA(unroll)
+      for (int r = 0; r < pair::kSubsetRanks; ++r)
+        if (__ballot_sync(pair::kFull, L.has_edge && L.er == r) & L.emask) ranks |= 1u << r;
+      const double c[1] = {L.has_edge && lane == L.elo ? L.c : 0.0};
+      const unsigned mask[1] = {L.has_edge ? ranks : 0u};
+      pb = pair::subset_bound<1>(v.R, L.fixed, c, mask, v.E, pin);
+    } else {
+      for (int it = exact::rounds_done(rnd) - done; it > 0; --it) {
+        const double t_new = 0.5 * (1.0 + sqrt(1.0 + 4.0 * t_k * t_k));
+        fista_sweep(v, L, sm, step, (t_k - 1.0) / t_new, simplex);
+        t_k = t_new;
+      }
+      LPLB_TICK(P, 1);
+      done = exact::rounds_done(rnd);
+      rank_loads(v, L, sm, L.y);
+      const double amax = wmax(L.has_rank ? L.load : -HUGE_VAL);
+      if (amax < best_max) {
+        best_max = amax;
+        L.best = L.y;
+      }
+      pb = prefix_bound(v, L, sm, pin);
+    }
     if (pb >= bound) {
       bound = pb;
       L.pinned = pin;
@@ -627,6 +643,10 @@ __device__ exact::Result solve(const View& v, const T* loads, const Smem& sm, do
     if (ok) {
       res.bound = bound;
       return finish(L.flow, 1);
+    }
+    if (subsets) {  // the later rounds' bounds and pins stand on their own
+      bound = -HUGE_VAL;
+      L.pinned = false;
     }
   }
   // not certified: the best valid split found

@@ -62,6 +62,21 @@ Largest largest(const lplb::CompArrays& a) {
   return l;
 }
 
+// Whether the CUDA launcher takes the one-warp exact solvers' instances with the
+// enumerated bound (pair::subset_bound): no component has more than kSubsetRanks
+// ranks or 32 experts.
+bool subsets(const Largest& l) { return l.R <= lplb::pair::kSubsetRanks && l.M <= 32; }
+
+// The CPU build without the enumerated bound (-DLPLB_NO_SUBSET_BOUND, a test build:
+// tests/kernel_emulation.py's rounds_only) takes the rounds on every component, so
+// that the tests still reach them on small components, where the GPU takes them only
+// should the enumerated bound fail to certify.
+#ifdef LPLB_NO_SUBSET_BOUND
+constexpr bool kHostSubsets = false;
+#else
+constexpr bool kHostSubsets = true;
+#endif
+
 // f() on one emulated warp; lane 0's result.
 template <typename F>
 auto on_warp(F&& f) {
@@ -172,8 +187,9 @@ int lplb_solve_pair_host(LPLB_HOST_ARRAYS, const double* loads, double lipschitz
   if (l.R > lplb::pair::kMaxRanks || l.M > lplb::pair::kMaxExperts) return 1;
   each_exact_component(a, out, [&](const lplb::blk::Team&, const lplb::View& v, const lplb::exact::Work& w) {
     return on_warp([&] {
-      return l.M <= 32 ? lplb::pair::solve<1>(v, loads, w, lipschitz, max_rounds)
-                       : lplb::pair::solve<2>(v, loads, w, lipschitz, max_rounds);
+      return subsets(l)  ? lplb::pair::solve<1, kHostSubsets>(v, loads, w, lipschitz, max_rounds)
+             : l.M <= 32 ? lplb::pair::solve<1, false>(v, loads, w, lipschitz, max_rounds)
+                         : lplb::pair::solve<2, false>(v, loads, w, lipschitz, max_rounds);
     });
   });
   return 0;
@@ -191,7 +207,8 @@ int lplb_solve_exact_warp_host(LPLB_HOST_ARRAYS, const double* loads, double lip
   const Largest l = largest(a);
   if (l.R > xw::kMaxRanks || l.M > xw::kMaxExperts || l.E > xw::kMaxEdges) return 1;
   each_exact_warp_component(a, out, [&](const lplb::View& v, const xw::Smem& sm) {
-    return xw::solve(v, loads, sm, lipschitz, max_rounds);
+    return subsets(l) ? xw::solve<kHostSubsets>(v, loads, sm, lipschitz, max_rounds)
+                      : xw::solve<false>(v, loads, sm, lipschitz, max_rounds);
   });
   return 0;
 }
