@@ -6,7 +6,9 @@
 // The same steps and the same answer as exact::solve (solve_exact.cuh), which stays
 // the reference kernel and handles every other component: FISTA sweeps order the
 // ranks, the best prefix gives the bound, and the semismooth-Newton projection of the
-// even split certifies it.  What differs is where the data lives and what the
+// even split certifies it (when no component has more than kSubsetRanks ranks, the
+// first bound comes from every rank set instead: subset_bound; the same unique
+// answer, one round).  What differs is where the data lives and what the
 // critical path costs.  exact::solve keeps everything in shared memory and walks CSR
 // lists in every pass, one work item per thread, and a Newton iteration there is a
 // chain of ~15 block steps (the LDL^T alone one per rank).  Here:
@@ -440,8 +442,10 @@ __device__ double prefix_bound(const View& v, Lane<J>& L, const Smem& sm, bool& 
 // form the largest, and every split under the bound loads each of them exactly to it
 // (what the projections' cut edges and sticky ranks rely on).  Sums in a fixed order
 // (ranks, then items): deterministic, and exact for integer loads as the prefix sums
-// are.  Cost: one pass of 8 + n_items broadcasts, each feeding eight independent sums
-// (FISTA's four sweeps and the prefix bound it replaces take ~5.4k cycles).
+// are.  Cost (clock64 on H200): ~5.4k cycles on a cube EP32 component, about what
+// FISTA's first four sweeps and the prefix bound took there; 2.9-5.3k on EPLB
+// components, where the sweeps' simplex projections alone took 3.6-8.4k.  What it
+// always saves is a second round: the bound is the optimum.
 
 template <int J>
 __device__ double subset_bound(int R, double fixed, const double (&c)[J], const unsigned (&mask)[J], int n_items,
@@ -456,7 +460,7 @@ LPLB_PRAGMA(unroll)
   }
   // Each pass adds a selected value (x or 0) into the eight sums: independent adds.
   // (Adding x under a condition made the compiler chain the eight adds through one
-  // scratch register, ~190 cycles a pass on H200.)
+  // scratch register.)
 LPLB_PRAGMA(unroll 1)
   for (int r = 0; r < R; ++r) {
     const double f = shfl(fixed, r);
