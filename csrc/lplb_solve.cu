@@ -360,7 +360,7 @@ cudaError_t launch(const CompArrays& a, const SolveSizes& sz, const T* loads, in
     const size_t work = plan.where == kAllGlobal ? 0 : work_bytes(0, sz, inside);
     const size_t bytes = head + (plan.where == kAllGlobal ? 0 : work + staged);
     // components of at most pair::kSubsetRanks ranks: the enumerated bound (one expert
-    // per lane; larger components keep kernels without it, their code unchanged)
+    // per lane); larger ones take the kernels without it, which do not carry its code
     const bool subsets = sz.max_ranks <= pair::kSubsetRanks && sz.max_experts <= 32;
     if (small_pairs) {
       auto kernel = subsets ? pair_kernel<1, true, T>
