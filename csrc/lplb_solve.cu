@@ -359,9 +359,9 @@ cudaError_t launch(const CompArrays& a, const SolveSizes& sz, const T* loads, in
     // the exact kernels' shared memory: scratch, then the staged index arrays
     const size_t work = plan.where == kAllGlobal ? 0 : work_bytes(0, sz, inside);
     const size_t bytes = head + (plan.where == kAllGlobal ? 0 : work + staged);
-    // components of at most pair::kSubsetRanks ranks: the enumerated bound (one expert
-    // per lane); larger ones take the kernels without it, which do not carry its code
-    const bool subsets = sz.max_ranks <= pair::kSubsetRanks && sz.max_experts <= 32;
+    // small components: the enumerated bound; larger ones take the kernels without it,
+    // which do not carry its code
+    const bool subsets = pair::takes_subsets(sz.max_ranks, sz.max_experts);
     if (small_pairs) {
       auto kernel = subsets ? pair_kernel<1, true, T>
                             : (sz.max_experts <= 32 ? pair_kernel<1, false, T> : pair_kernel<2, false, T>);

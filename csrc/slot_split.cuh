@@ -28,16 +28,10 @@ namespace slots {
 // Copies whose loads are issued together (movable_row).
 constexpr int kCols = 4;
 
-// a / b rounded to nearest, never fused or approximated (the reference's division);
-// a zero numerator as blk::div_nz has it (no slow path; many shares are 0).
-LPLB_HD double div_rn(double a, double b) {
-#if defined(__CUDA_ARCH__)
-  const double q = __ddiv_rn(a != 0.0 ? a : 1.0, b);
-  return a != 0.0 ? q : a * q;
-#else
-  return a / b;
-#endif
-}
+// a / b rounded to nearest, never fused or approximated (the reference's division; a
+// double division is IEEE's on the device too), a zero numerator without the slow path
+// (many shares are 0).
+LPLB_HD double div_rn(double a, double b) { return blk::div_nz(a, b); }
 
 // Running sums out[0..C-1] of an expert with cnt copies (total: the last) into its
 // cumulative shares; an expert with no tokens splits evenly.

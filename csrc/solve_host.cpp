@@ -62,10 +62,8 @@ Largest largest(const lplb::CompArrays& a) {
   return l;
 }
 
-// Whether the CUDA launcher takes the one-warp exact solvers' instances with the
-// enumerated bound (pair::subset_bound): no component has more than kSubsetRanks
-// ranks or 32 experts.
-bool subsets(const Largest& l) { return l.R <= lplb::pair::kSubsetRanks && l.M <= 32; }
+// As the CUDA launcher: the one-warp exact solvers' instances with the enumerated bound?
+bool subsets(const Largest& l) { return lplb::pair::takes_subsets(l.R, l.M); }
 
 // The CPU build without the enumerated bound (-DLPLB_NO_SUBSET_BOUND, a test build:
 // tests/kernel_emulation.py's rounds_only) takes the rounds on every component, so

@@ -47,6 +47,13 @@ constexpr int kMaxExperts = 64;  // two per lane
 constexpr int kMaxDegree = 8;    // edges per rank kept in registers
 constexpr int kSubsetRanks = 8;  // components this small: the bound by enumeration (subset_bound)
 
+// Whether the one-warp exact solvers take their instances with the enumerated bound,
+// from the largest component's ranks and movable experts (one expert per lane): the
+// CUDA launcher's choice, and the CPU build's.
+constexpr bool takes_subsets(int max_ranks, int max_experts) {
+  return max_ranks <= kSubsetRanks && max_experts <= 32;
+}
+
 #if defined(__CUDA_ARCH__) || defined(LPLB_WARP_EMULATION)
 
 constexpr unsigned kFull = 0xffffffffu;

@@ -29,10 +29,10 @@ def rel_diff(a: torch.Tensor, b: torch.Tensor, scale: float) -> float:
     return float((a - b).abs().max()) / max(scale, 1.0) if a.numel() else 0.0
 
 
-# csrc/solve_pair.cuh's kSubsetRanks: when no component has more ranks than this (nor
-# more than 32 movable experts), the one-warp exact solvers bound every component by
-# enumerating its rank sets, which gives the optimum itself, so each certifies in its
-# first round (the general kernel may need more).
+# csrc/solve_pair.cuh's kSubsetRanks (its takes_subsets): when no component has more
+# ranks than this (nor more than 32 movable experts), the one-warp exact solvers bound
+# every component by enumerating its rank sets, which gives the optimum itself, so
+# each certifies in its first round (the general kernel may need more).
 SUBSET_RANKS = 8
 
 
