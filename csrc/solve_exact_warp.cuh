@@ -608,7 +608,7 @@ LPLB_PRAGMA(unroll)
         if (__ballot_sync(pair::kFull, L.has_edge && L.er == r) & L.emask) ranks |= 1u << r;
       const double c[1] = {L.has_edge && lane == L.elo ? L.c : 0.0};
       const unsigned mask[1] = {L.has_edge ? ranks : 0u};
-      pb = pair::subset_bound<1>(v.R, L.fixed, c, mask, v.E, pin);
+      pb = pair::subset_bound<1>(v.R, L.fixed, c, mask, pin);
     } else {
       for (int it = exact::rounds_done(rnd) - done; it > 0; --it) {
         const double t_new = 0.5 * (1.0 + sqrt(1.0 + 4.0 * t_k * t_k));

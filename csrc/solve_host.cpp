@@ -291,4 +291,11 @@ int lplb_slot_split_host(LPLB_HOST_ARRAYS, const int* copies, int n_logical, int
   return 0;
 }
 
+// blk::div_small(a[i], n[i], 1 / n[i]) into out[i] (the tests compare it with the
+// division).  Returns 0.
+int lplb_div_small_host(const double* a, const double* n, int count, double* out) {
+  for (int i = 0; i < count; ++i) out[i] = lplb::blk::div_small(a[i], n[i], 1.0 / n[i]);
+  return 0;
+}
+
 }  // extern "C"

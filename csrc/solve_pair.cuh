@@ -60,6 +60,14 @@ constexpr unsigned kFull = 0xffffffffu;
 
 using Prof = blk::Prof<true>;  // phase timers of -DLPLB_PROF builds
 
+// A block's static shared array (subset_bound's table); the CPU build solves one
+// component at a time, so one array serves its 32 lane threads.
+#if defined(__CUDA_ARCH__)
+#define LPLB_WARP_SHARED __shared__
+#else
+#define LPLB_WARP_SHARED static
+#endif
+
 // Butterfly reductions; lane 0's result is broadcast so every lane holds the same bits.
 __device__ __forceinline__ double wsum(double v) {
   for (int off = 16; off > 0; off >>= 1) v += shfl_xor(v, off);
@@ -443,64 +451,85 @@ __device__ double prefix_bound(const View& v, Lane<J>& L, const Smem& sm, bool& 
 // the experts with every copy in U), eight sets per lane.  Max-flow/min-cut makes the
 // best of them the component's optimum, so no FISTA order is needed and the first
 // projection certifies.  Lane r passes its rank's fixed load (0 from R on); item
-// k = lane + 32 j (k < n_items) passes a demand c[j] and the set of ranks holding its
-// copies, mask[j] (an item with c = 0 adds nothing).  pin: whether lane r's rank lies
-// in a set reaching the bound; those sets are closed under union, so the pinned ranks
-// form the largest, and every split under the bound loads each of them exactly to it
-// (what the projections' cut edges and sticky ranks rely on).  Sums in a fixed order
-// (ranks, then items): deterministic, and exact for integer loads as the prefix sums
-// are.  Cost (clock64 on H200): ~5.4k cycles on a cube EP32 component, about what
-// FISTA's first four sweeps and the prefix bound took there; 2.9-5.3k on EPLB
-// components, where the sweeps' simplex projections alone took 3.6-8.4k.  What it
-// always saves is a second round: the bound is the optimum.
-
+// k = lane + 32 j passes a demand c[j] and the set of ranks holding its copies,
+// mask[j] (0: no item; an item with c = 0 adds nothing).  pin: whether lane r's rank
+// lies in a set reaching the bound; those sets are closed under union, so the pinned
+// ranks form the largest, and every split under the bound loads each of them exactly
+// to it (what the projections' cut edges and sticky ranks rely on).
+//
+// g is the subset sum (zeta transform) of h, h({r}) = fixed load of r plus h(U) =
+// demand of the experts whose copies span exactly U: the experts go into a table in
+// shared memory by their rank sets (experts with the same set summed in lane order by
+// the first of them), then the eight sums of lane l (sets l + 32 i) take bits 5-7
+// within the lane and bits 0-4 by five shuffle passes.  Sums in a fixed order:
+// deterministic, and exact for integer loads.  (The first version added every item
+// to each of the eight sets it fits, one item per step: ~5.4k cycles on a cube EP32
+// component, by clock64 on H200; docs/benchmarks.md has what this one takes.)
 template <int J>
-__device__ double subset_bound(int R, double fixed, const double (&c)[J], const unsigned (&mask)[J], int n_items,
-                               bool& pin) {
+__device__ double subset_bound(int R, double fixed, const double (&c)[J], const unsigned (&mask)[J], bool& pin) {
+  LPLB_WARP_SHARED double table[1 << kSubsetRanks];
   const int lane = threadIdx.x;
-  unsigned set[8];
-  double g[8];
+  const double inv_lane = 1.0 / (lane > 0 ? lane : 1);  // (lanes 1..8 serve the divisors)
 LPLB_PRAGMA(unroll)
-  for (int i = 0; i < 8; ++i) {
-    set[i] = static_cast<unsigned>(lane + 32 * i);
-    g[i] = 0.0;
-  }
-  // Each pass adds a selected value (x or 0) into the eight sums: independent adds.
-  // (Adding x under a condition made the compiler chain the eight adds through one
-  // scratch register.)
-LPLB_PRAGMA(unroll 1)
-  for (int r = 0; r < R; ++r) {
-    const double f = shfl(fixed, r);
-LPLB_PRAGMA(unroll)
-    for (int i = 0; i < 8; ++i) g[i] += ((set[i] >> r) & 1u) ? f : 0.0;
-  }
+  for (int i = 0; i < 8; ++i) table[lane + 32 * i] = 0.0;
+  __syncwarp();
+  if (lane < R) table[1u << lane] = fixed;
+  __syncwarp();
 LPLB_PRAGMA(unroll)
   for (int j = 0; j < J; ++j) {
-    const int here = n_items - 32 * j;
-LPLB_PRAGMA(unroll 1)
-    for (int s = 0; s < 32 && s < here; ++s) {
-      const double cs = shfl(c[j], s);
-      const unsigned ms = shfl(mask[j], s);
+    const unsigned peers = __match_any_sync(kFull, mask[j]);
+    const unsigned live = __ballot_sync(kFull, mask[j] != 0u && c[j] != 0.0);
+    double s = 0.0;
+    unsigned rest = peers & live;  // (the steps: the most live items of one set)
+    while (__ballot_sync(kFull, rest != 0u) != 0u) {  // (uniform: every lane shuffles)
+      const double x = shfl(c[j], rest != 0u ? __ffs(rest) - 1 : lane);
+      s += rest != 0u ? x : 0.0;
+      rest &= rest - 1u;
+    }
+    if ((peers & live) != 0u && lane == __ffs(peers) - 1) table[mask[j]] += s;
+    __syncwarp();
+  }
+  double g[8];
 LPLB_PRAGMA(unroll)
-      for (int i = 0; i < 8; ++i) g[i] += (ms & ~set[i]) == 0u ? cs : 0.0;
+  for (int i = 0; i < 8; ++i) g[i] = table[lane + 32 * i];
+LPLB_PRAGMA(unroll)
+  for (int b = 0; b < 3; ++b)
+LPLB_PRAGMA(unroll)
+    for (int i = 0; i < 8; ++i)
+      if ((i >> b) & 1) g[i] += g[i ^ (1 << b)];
+LPLB_PRAGMA(unroll)
+  for (int b = 0; b < 5; ++b) {
+    const bool up = (lane >> b) & 1;
+LPLB_PRAGMA(unroll)
+    for (int i = 0; i < 8; ++i) {
+      const double below = shfl_xor(g[i], 1 << b);
+      g[i] += up ? below : 0.0;
     }
   }
-  // the eight divisions side by side (independent chains), each by at least 1
+  // A branch ends ptxas's scheduling region here, so that the eight divisions below
+  // wait for the last pass instead of being run into the passes: without it the
+  // passes went one set at a time (five dependent shuffles each) and the enumeration
+  // took ~0.9k cycles more on H200.  (Never taken: lane 0's g[0], the empty set's,
+  // is 0.)
+  if (__ballot_sync(kFull, g[0] != g[0]) == kFull) __syncwarp();
+  // g / |U|, eight independent chains: each divisor's reciprocal from the lane of
+  // that number (div_small: the division's bits without its branches)
   const unsigned all = (1u << R) - 1u;
   double best = -HUGE_VAL;
 LPLB_PRAGMA(unroll)
   for (int i = 0; i < 8; ++i) {
-    const int n = __popc(set[i]);
-    const double q = blk::div_nz(g[i], n > 0 ? n : 1);  // (g is 0 on many sets)
-    g[i] = n > 0 && (set[i] & ~all) == 0u ? q : -HUGE_VAL;
+    const unsigned set = static_cast<unsigned>(lane + 32 * i);
+    const int n = __popc(set);
+    const double q = blk::div_small(g[i], n, shfl(inv_lane, n));
+    g[i] = n > 0 && (set & ~all) == 0u ? q : -HUGE_VAL;
     best = blk::nanmax(best, g[i]);
   }
   best = wmax(best);
   unsigned uni = 0u;
 LPLB_PRAGMA(unroll)
   for (int i = 0; i < 8; ++i)
-    if (g[i] == best) uni |= set[i];
-  for (int off = 16; off > 0; off >>= 1) uni |= shfl_xor(uni, off);
+    if (g[i] == best) uni |= static_cast<unsigned>(lane + 32 * i);
+  uni = __reduce_or_sync(kFull, uni);
   pin = lane < R && ((uni >> lane) & 1u);
   return best;
 }
@@ -511,7 +540,7 @@ __device__ __forceinline__ double subset_bound(const View& v, const Lane<J>& L, 
   unsigned mask[J];
 LPLB_PRAGMA(unroll)
   for (int j = 0; j < J; ++j) mask[j] = L.has[j] ? (1u << L.ra[j]) | (1u << L.rb[j]) : 0u;
-  return subset_bound<J>(v.R, L.fixed, L.c, mask, v.M, pin);
+  return subset_bound<J>(v.R, L.fixed, L.c, mask, pin);
 }
 
 // The flows mult * max(s, 0) at the current dual point, expert j.
@@ -783,10 +812,13 @@ LPLB_PRAGMA(unroll)
     e0 = L.y0[j];
     e1 = L.y1[j];
   };
-  const double even_max = loads_of(v, L, sm.e1, at_y);
-  double dmax = cmax, fmax = L.has_rank ? L.fixed : -HUGE_VAL;
-  dmax = wmax(dmax);
-  fmax = wmax(fmax);
+  // the even split's loads; its max load, the largest demand and fixed load in one
+  // reduction (loads_of's own max would be a second chain of shuffles)
+  put_edges(L, sm.e1, at_y);
+  L.load = L.fixed + rank_sum(v, L, sm.e1);
+  double mx[3] = {L.has_rank ? L.load : -HUGE_VAL, cmax, L.has_rank ? L.fixed : -HUGE_VAL};
+  wreduce<3, 7u>(mx);
+  const double even_max = mx[0], dmax = mx[1], fmax = mx[2];
   LPLB_TICK(P, 0);
   double f0[J], f1[J];
   auto finish = [&](int certified) {

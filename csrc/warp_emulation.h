@@ -78,6 +78,25 @@ inline unsigned ballot(int pred, int line) {
   });
 }
 
+// Bit l set where lane l passed the same value as this lane.
+inline unsigned match_any(unsigned v, int line) {
+  return meet_with(static_cast<double>(v), line, [](const double* slot) {
+    unsigned m = 0;
+    for (int l = 0; l < 32; ++l)
+      if (slot[l] == slot[t_lane]) m |= 1u << l;
+    return m;
+  });
+}
+
+// The bitwise or of every lane's v.
+inline unsigned reduce_or(unsigned v, int line) {
+  return meet_with(static_cast<double>(v), line, [](const double* slot) {
+    unsigned m = 0;
+    for (int l = 0; l < 32; ++l) m |= static_cast<unsigned>(slot[l]);
+    return m;
+  });
+}
+
 // f() on every thread of a block of n_warps warps, in parallel; returns when all have
 // returned.
 inline void run_block(int n_warps, const std::function<void()>& f) {
@@ -127,6 +146,12 @@ inline T shfl_xor(T v, int mask, int line = __builtin_LINE()) {
 }  // namespace lplb
 inline unsigned __ballot_sync(unsigned, int pred, int line = __builtin_LINE()) {
   return ::lplb::emu::ballot(pred, line);
+}
+inline unsigned __match_any_sync(unsigned, unsigned v, int line = __builtin_LINE()) {
+  return ::lplb::emu::match_any(v, line);
+}
+inline unsigned __reduce_or_sync(unsigned, unsigned v, int line = __builtin_LINE()) {
+  return ::lplb::emu::reduce_or(v, line);
 }
 inline int __popc(unsigned v) { return __builtin_popcount(v); }
 inline int __ffs(unsigned v) { return __builtin_ffs(static_cast<int>(v)); }

@@ -105,6 +105,16 @@ def _ipm_defaults() -> dict:
     return {k: params[k].default for k in ("max_iters", "tol")}
 
 
+def div_small(a: np.ndarray, n: np.ndarray) -> np.ndarray:
+    """csrc/block_ops.cuh's ``blk::div_small(a, n, 1 / n)`` elementwise (float64)."""
+    a = np.ascontiguousarray(a, dtype=np.float64)
+    n = np.ascontiguousarray(np.broadcast_to(n, a.shape), dtype=np.float64)
+    out = np.empty_like(a)
+    c = ctypes.c_double
+    assert library().lplb_div_small_host(_ptr(a, c), _ptr(n, c), ctypes.c_int(a.size), _ptr(out, c)) == 0
+    return out
+
+
 def fits_pair(graph: SplitGraph) -> bool:
     """Whether the one-warp two-copy solvers ("pair", "ipm_pair") take the graph:
     two-copy, components of at most 32 ranks and 64 experts."""

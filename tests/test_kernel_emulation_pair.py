@@ -9,6 +9,7 @@ hang the GPU fails here.  The CUDA build is checked on a GPU in
 tests/gpu/test_solve_kernels.py.
 """
 
+import numpy as np
 import pytest
 import torch
 
@@ -238,6 +239,23 @@ def _best_rank_set_bounds(graph: SplitGraph, loads: torch.Tensor, arrays: Compon
             best = max(best, g / bin(u).count("1"))
         out.append(best)
     return out
+
+
+def test_div_small_is_the_division():
+    """blk::div_small (the enumeration's g(U) / |U| without the division's branches)
+    gives the division's bits: integers, fractions, random doubles of normal
+    quotients, zeros, infinities and NaN, for every divisor it serves (1..8)."""
+    rng = np.random.default_rng(5)
+    ints = np.arange(0, 2_000_000, dtype=np.float64)
+    mant = rng.random(500_000) + 1.0
+    wide = mant * np.exp2(rng.integers(-1000, 1000, mant.size).astype(np.float64))
+    frac = rng.integers(0, 1 << 52, 500_000).astype(np.float64) * 1e-7
+    special = np.array([0.0, -0.0, np.inf, -np.inf, np.nan, 1.0, 3.0, 2.0**52 + 1, 2.0**53 - 1])
+    a = np.concatenate([ints, wide, -wide[:1000], frac, special])
+    for n in range(1, 9):
+        got, want = emu.div_small(a, float(n)), a / n
+        same = (got.view(np.int64) == want.view(np.int64)) | (np.isnan(got) & np.isnan(want))
+        assert bool(same.all()), (n, a[~same][:5], got[~same][:5], want[~same][:5])
 
 
 @pytest.mark.parametrize("method", ["pair", "exact_warp"])
