@@ -28,17 +28,14 @@ namespace slots {
 // Copies whose loads are issued together (movable_row).
 constexpr int kCols = 4;
 
-// a / b rounded to nearest, never fused or approximated (the reference's division; a
-// double division is IEEE's on the device too), a zero numerator without the slow path
-// (many shares are 0).
-LPLB_HD double div_rn(double a, double b) { return blk::div_nz(a, b); }
-
 // Running sums out[0..C-1] of an expert with cnt copies (total: the last) into its
-// cumulative shares; an expert with no tokens splits evenly.
+// cumulative shares; an expert with no tokens splits evenly.  The divisions are the
+// reference's, rounded to nearest (a double division is IEEE's on the device too);
+// div_nz spares the many zero shares the division's slow path.
 LPLB_HD void normalise_row(const SlotSplit& s, double* out, double total, int64_t cnt) {
   for (int k = 0; k < s.n_cols; ++k) {
-    double v = total > 0.0 ? div_rn(out[k], total)
-                           : div_rn(static_cast<double>(k + 1), static_cast<double>(cnt < 1 ? 1 : cnt));
+    double v = total > 0.0 ? blk::div_nz(out[k], total)
+                           : blk::div_nz(static_cast<double>(k + 1), static_cast<double>(cnt < 1 ? 1 : cnt));
     v = v > 1.0 ? 1.0 : v;
     out[k] = k >= cnt - 1 ? 1.0 : v;
   }
