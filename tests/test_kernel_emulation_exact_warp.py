@@ -8,8 +8,9 @@ reductions, the reciprocals and the elimination round differently), so status,
 rounds and Newton iterations match the general kernel and the flows agree to
 rounding; except that components of at most SUBSET_RANKS ranks take their first
 bound from every rank set (one round), which the build without it (rounds_only)
-leaves out so that the step-by-step comparison still covers them.  The emulation also aborts when a shuffle or __syncwarp is not reached by
-all 32 lanes from the same line.  The CUDA build is compared with the general kernel
+leaves out so that the step-by-step comparison still covers them.  The emulation
+also aborts when a shuffle or __syncwarp is not reached by all 32 lanes from the same
+line.  The CUDA build is compared with the general kernel
 on a GPU in tests/gpu/test_solve_kernels.py.
 """
 
