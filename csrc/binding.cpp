@@ -146,9 +146,10 @@ int64_t global_doubles(std::vector<int64_t> sizes, int64_t method, int64_t devic
   return static_cast<int64_t>(lplb::solve_global_doubles(sz, static_cast<int>(method)));
 }
 
-// physical ids, idx's shape and dtype
+// physical ids, idx's shape and dtype; after_solve: lplb::map_tokens's (true only
+// right after solve() on the same stream)
 torch::Tensor map(torch::Tensor idx, torch::Tensor prefix, torch::Tensor counts, torch::Tensor cum_frac,
-                  torch::Tensor log2phy) {
+                  torch::Tensor log2phy, bool after_solve) {
   check_idx(idx);
   TORCH_CHECK(prefix.is_cuda() && prefix.scalar_type() == torch::kInt32 && prefix.dim() == 2,
               "prefix must be a CUDA int32 [n_chunks, L] tensor");
@@ -167,7 +168,7 @@ torch::Tensor map(torch::Tensor idx, torch::Tensor prefix, torch::Tensor counts,
   const c10::cuda::CUDAGuard guard(idx.device());
   check(lplb::map_tokens(flat.data_ptr(), idx.scalar_type() == torch::kInt64, flat.numel(), n_logical, n_chunks,
                          prefix.contiguous().data_ptr<int32_t>(), counts.contiguous().data_ptr<int32_t>(),
-                         cf.data_ptr<double>(), l2p.data_ptr<int64_t>(), cf.size(1), out.data_ptr(),
+                         cf.data_ptr<double>(), l2p.data_ptr<int64_t>(), cf.size(1), out.data_ptr(), after_solve,
                          c10::cuda::getCurrentCUDAStream()),
         "map");
   return out.view(idx.sizes());
@@ -186,5 +187,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("global_doubles", &global_doubles, "global scratch doubles per component of the solve stage",
         py::arg("sizes"), py::arg("method"), py::arg("device"));
   m.def("map", &map, "logical -> physical rewrite from the chunk prefix sums and the split", py::arg("idx"),
-        py::arg("prefix"), py::arg("counts"), py::arg("cum_frac"), py::arg("log2phy"));
+        py::arg("prefix"), py::arg("counts"), py::arg("cum_frac"), py::arg("log2phy"), py::arg("after_solve") = false);
 }

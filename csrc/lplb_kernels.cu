@@ -113,6 +113,28 @@ __global__ void scan_kernel(int64_t n_logical, int64_t n_chunks, int32_t* prefix
   if (lane == 0) counts[e] = carry;
 }
 
+// The map kernel's shared memory: [stage: log2phy int64 [L, C]] hist int32 [kWarps, L],
+// bnd int32 [L, C], [stage: counts int32 [L]].
+struct MapSmem {
+  int64_t* l2p;
+  int32_t *hist, *bnd, *cnt;
+  __host__ __device__ static size_t layout(MapSmem* m, void* base, int64_t n_logical, int64_t max_copies, bool stage) {
+    char* p = static_cast<char*>(base);
+    auto take = [&p](size_t bytes) {
+      char* q = p;
+      p += bytes;
+      return q;
+    };
+    const size_t lc = static_cast<size_t>(n_logical * max_copies);
+    int64_t* l2p = stage ? reinterpret_cast<int64_t*>(take(lc * sizeof(int64_t))) : nullptr;
+    int32_t* hist = reinterpret_cast<int32_t*>(take(static_cast<size_t>(kWarps * n_logical) * sizeof(int32_t)));
+    int32_t* bnd = reinterpret_cast<int32_t*>(take(lc * sizeof(int32_t)));
+    int32_t* cnt = stage ? reinterpret_cast<int32_t*>(take(static_cast<size_t>(n_logical) * sizeof(int32_t))) : nullptr;
+    if (m != nullptr) *m = MapSmem{l2p, hist, bnd, cnt};
+    return static_cast<size_t>(p - static_cast<char*>(base));
+  }
+};
+
 // One block per chunk, one contiguous part of the chunk per warp (in warp order), so
 // that no warp waits for another while it ranks its entries:
 //   1. each warp counts its part per expert (hist[w, e]);
@@ -121,35 +143,31 @@ __global__ void scan_kernel(int64_t n_logical, int64_t n_chunks, int32_t* prefix
 //   3. each warp walks its part again, 32 entries at a time: __match_any_sync groups
 //      the lanes of one expert, a popc of the lower lanes ranks them.
 // The copy boundaries B[e, k] are computed once per block into shared memory.
+// after_solve: steps 1 and 2 read only idx and prefix, which are complete before a
+// solve kernel lets this one in (see map_tokens), so they run before pdl_wait() and
+// overlap the solve; only the boundaries and step 3 wait for its split.  kStage (with
+// after_solve, where shared memory allows): log2phy and counts are copied to shared
+// memory before the wait too, leaving cum_frac the only global read between the wait
+// and the writes (a compile-time choice, so that their reads are shared-memory ones).
+template <bool kStage>
 __global__ void __launch_bounds__(kThreads) map_kernel(const void* idx, bool is64, int64_t n, int64_t n_logical,
-                                                        int64_t n_chunks, const int32_t* prefix, const int32_t* counts,
-                                                        const double* cum_frac, const int64_t* log2phy,
-                                                        int64_t max_copies, void* out) {
-  extern __shared__ int32_t smem_i[];
-  int32_t* hist = smem_i;                      // [kWarps, n_logical]
-  int32_t* bnd = smem_i + kWarps * n_logical;  // [n_logical, max_copies]
+                                                        int64_t n_chunks, const int32_t* prefix,
+                                                        const int32_t* counts, const double* cum_frac,
+                                                        const int64_t* log2phy, int64_t max_copies, void* out,
+                                                        bool after_solve) {
+  extern __shared__ int64_t smem_map[];
+  MapSmem m;
+  MapSmem::layout(&m, smem_map, n_logical, max_copies, kStage);
   const int64_t c = blockIdx.x;
-  for (int64_t q = threadIdx.x; q < kWarps * n_logical; q += blockDim.x) hist[q] = 0;
-  pdl_wait();  // launched with launch_pdl: every input may come from the kernel before
-  for (int64_t e = threadIdx.x; e < n_logical; e += blockDim.x) {
-    const int64_t cnt = counts[e];
-    int64_t prev = 0;
-    for (int64_t j = 0; j < max_copies; ++j) {
-      const int64_t slot = log2phy[e * max_copies + j];
-      const bool last = j + 1 == max_copies || log2phy[e * max_copies + j + 1] < 0 || slot < 0;
-      int64_t b = last ? cnt : static_cast<int64_t>(floor(static_cast<double>(cnt) * cum_frac[e * max_copies + j]));
-      b = b < 0 ? 0 : (b > cnt ? cnt : b);
-      b = b < prev ? prev : b;
-      prev = b;
-      bnd[e * max_copies + j] = static_cast<int32_t>(b);
-    }
-  }
+  for (int64_t q = threadIdx.x; q < kWarps * n_logical; q += blockDim.x) m.hist[q] = 0;
+  // launched with launch_pdl: without after_solve, every input may come from the kernel before
+  if (!after_solve) pdl_wait();
   __syncthreads();
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const unsigned lower = (1u << lane) - 1u;
   const int64_t lo = chunk_begin(c, n, n_chunks), hi = chunk_begin(c + 1, n, n_chunks);
   const int64_t wlo = lo + (hi - lo) * warp / kWarps, whi = lo + (hi - lo) * (warp + 1) / kWarps;
-  int32_t* mine = hist + warp * n_logical;
+  int32_t* mine = m.hist + warp * n_logical;
   for (int64_t base = wlo; base < whi; base += 32) {
     const int64_t i = base + lane;
     const int64_t raw = i < whi ? load_id(idx, is64, i) : -1;
@@ -158,13 +176,32 @@ __global__ void __launch_bounds__(kThreads) map_kernel(const void* idx, bool is6
     if (valid && (same & lower) == 0) mine[raw] += __popc(same);
     __syncwarp();
   }
+  if (kStage) {
+    for (int64_t q = threadIdx.x; q < n_logical * max_copies; q += blockDim.x) m.l2p[q] = log2phy[q];
+    for (int64_t e = threadIdx.x; e < n_logical; e += blockDim.x) m.cnt[e] = counts[e];
+  }
   __syncthreads();
   for (int64_t e = threadIdx.x; e < n_logical; e += blockDim.x) {
     int32_t run = c == 0 ? 0 : prefix[(c - 1) * n_logical + e];
     for (int w = 0; w < kWarps; ++w) {
-      const int32_t t = hist[w * n_logical + e];
-      hist[w * n_logical + e] = run;
+      const int32_t t = m.hist[w * n_logical + e];
+      m.hist[w * n_logical + e] = run;
       run += t;
+    }
+  }
+  if (after_solve) pdl_wait();
+  const int64_t* l2p = kStage ? m.l2p : log2phy;
+  for (int64_t e = threadIdx.x; e < n_logical; e += blockDim.x) {
+    const int64_t cnt = kStage ? m.cnt[e] : counts[e];
+    int64_t prev = 0;
+    for (int64_t j = 0; j < max_copies; ++j) {
+      const int64_t slot = l2p[e * max_copies + j];
+      const bool last = j + 1 == max_copies || l2p[e * max_copies + j + 1] < 0 || slot < 0;
+      int64_t b = last ? cnt : static_cast<int64_t>(floor(static_cast<double>(cnt) * cum_frac[e * max_copies + j]));
+      b = b < 0 ? 0 : (b > cnt ? cnt : b);
+      b = b < prev ? prev : b;
+      prev = b;
+      m.bnd[e * max_copies + j] = static_cast<int32_t>(b);
     }
   }
   __syncthreads();
@@ -178,8 +215,8 @@ __global__ void __launch_bounds__(kThreads) map_kernel(const void* idx, bool is6
     if (valid) {
       const int32_t seq = mine[raw] + __popc(same & lower);
       int64_t k = 0;
-      for (int64_t j = 0; j < max_copies; ++j) k += bnd[raw * max_copies + j] <= seq ? 1 : 0;
-      result = log2phy[raw * max_copies + (k < max_copies ? k : max_copies - 1)];
+      for (int64_t j = 0; j < max_copies; ++j) k += m.bnd[raw * max_copies + j] <= seq ? 1 : 0;
+      result = l2p[raw * max_copies + (k < max_copies ? k : max_copies - 1)];
     }
     __syncwarp();
     if (valid && (same & lower) == 0) mine[raw] += __popc(same);
@@ -218,13 +255,18 @@ cudaError_t count_tokens(const void* idx, bool idx_is_64, int64_t n, int64_t n_l
 
 cudaError_t map_tokens(const void* idx, bool idx_is_64, int64_t n, int64_t n_logical, int64_t n_chunks,
                        const int32_t* prefix, const int32_t* counts, const double* cum_frac,
-                       const int64_t* log2phy, int64_t max_copies, void* out, cudaStream_t stream) {
+                       const int64_t* log2phy, int64_t max_copies, void* out, bool after_solve,
+                       cudaStream_t stream) {
   if (n_chunks < 1 || n_logical < 1 || max_copies < 1) return cudaErrorInvalidValue;
   if (n == 0) return cudaSuccess;
-  const size_t smem = static_cast<size_t>(n_logical) * (kWarps + max_copies) * sizeof(int32_t);
-  if (cudaError_t err = allow_smem(map_kernel, smem); err != cudaSuccess) return err;
-  return launch_pdl(map_kernel, static_cast<unsigned>(n_chunks), kThreads, smem, stream, idx, idx_is_64, n, n_logical,
-                    n_chunks, prefix, counts, cum_frac, log2phy, max_copies, out);
+  // staging log2phy and counts is worth a little latency, not an opt-in to large
+  // shared memory (fewer blocks per SM)
+  const bool stage = after_solve && MapSmem::layout(nullptr, nullptr, n_logical, max_copies, true) <= 48 * 1024;
+  const size_t smem = MapSmem::layout(nullptr, nullptr, n_logical, max_copies, stage);
+  auto kernel = stage ? map_kernel<true> : map_kernel<false>;
+  if (cudaError_t err = allow_smem(kernel, smem); err != cudaSuccess) return err;
+  return launch_pdl(kernel, static_cast<unsigned>(n_chunks), kThreads, smem, stream, idx, idx_is_64, n, n_logical,
+                    n_chunks, prefix, counts, cum_frac, log2phy, max_copies, out, after_solve);
 }
 
 }  // namespace lplb

@@ -113,11 +113,22 @@ def count_tokens_checked(
 
 
 def map_tokens(
-    idx: torch.Tensor, prefix: torch.Tensor, counts: torch.Tensor, cum_frac: torch.Tensor, log2phy: torch.Tensor
+    idx: torch.Tensor,
+    prefix: torch.Tensor,
+    counts: torch.Tensor,
+    cum_frac: torch.Tensor,
+    log2phy: torch.Tensor,
+    after_solve: bool = False,
 ) -> torch.Tensor:
     """CUDA map stage; same result as :func:`lplb_plugin.redirect.redirect` (with the
-    count stage's ``prefix`` and ``counts`` of the same ``idx``)."""
-    return get().map(idx, prefix, counts, cum_frac, log2phy)
+    count stage's ``prefix`` and ``counts`` of the same ``idx``).
+
+    ``after_solve=True`` only when the last kernel launched on the current stream is
+    :meth:`DeviceSolver.solve`'s (as in :meth:`Planner.run`): the map kernel then counts
+    its part of ``idx`` while the solve still runs, and waits for the solve only to
+    read ``cum_frac``.  With the default it waits before reading anything, whatever ran
+    before it.  The result is the same either way."""
+    return get().map(idx, prefix, counts, cum_frac, log2phy, after_solve)
 
 
 @dataclass(frozen=True)

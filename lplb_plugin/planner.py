@@ -413,7 +413,9 @@ class Planner:
             # upstream's semantics: + n_group when the batch was solved to optimality
             solved = (split.status.amin() > 0).to(avail_counter.dtype) * self.n_group
             avail_counter.add_(solved.view_as(avail_counter))
-        out = kernels.map_tokens(idx, prefix, counts, split.cum_frac, self._log2phy_on(idx.device))
+        # after_solve: the solve kernel (or the ordinary kernels of avail_counter, which
+        # start after it ends) was the last launch, so idx, prefix and counts are complete
+        out = kernels.map_tokens(idx, prefix, counts, split.cum_frac, self._log2phy_on(idx.device), after_solve=True)
         self._last_split = split
         if not capturing:  # (a graph's replays are read by check_last_run)
             pinned.copy_(totals, non_blocking=True)

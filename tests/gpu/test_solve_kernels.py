@@ -325,6 +325,39 @@ def test_run_captured_in_cuda_graph_replays_with_new_ids():
     assert planner.check_last_run() is not None
 
 
+@pytest.mark.parametrize("tokens, n_logical", [(4096, 256), (1 << 17, 256), (4096, 1024)])
+def test_run_map_counts_while_the_solve_runs(tokens, n_logical):
+    """In run() the map kernel follows the solve kernel directly (no avail_counter) and
+    counts its chunk of idx before it waits for the solve (after_solve; with 256
+    experts it also copies log2phy and counts to shared memory, with 1024 they do not
+    fit its 48 KiB): replays of a graph with new ids give the reference rewrite of each
+    replay's split, and the map launched the ordinary way (waiting before it reads
+    anything) gives the same ids."""
+    planner = Planner(topology.cube(), n_logical + 64, n_logical, ep_size=32)
+    gen = torch.Generator().manual_seed(11)
+    static_idx = _idx(gen, tokens, n_logical).cuda()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            planner.run(static_idx)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = planner.run(static_idx)
+    n_chunks = torch.cuda.get_device_properties(0).multi_processor_count
+    l2p = planner.log2phy.cuda()
+    for _ in range(3):
+        new = _idx(gen, tokens, n_logical)
+        static_idx.copy_(new.cuda())
+        graph.replay()
+        torch.cuda.synchronize()
+        cum = planner.check_last_run().cum_frac
+        assert torch.equal(static_out.cpu(), redirect(new, cum.cpu(), planner.log2phy))
+        counts, prefix = kernels.count_tokens(static_idx, n_logical, n_chunks)
+        assert torch.equal(kernels.map_tokens(static_idx, prefix, counts, cum, l2p), static_out)
+
+
 def test_invalid_ids_are_reported_without_a_sync_in_run():
     planner = Planner(topology.cube(), 320, 256, ep_size=32)
     bad = torch.randint(0, 256, (64, 8)).cuda()
