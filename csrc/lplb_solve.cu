@@ -40,7 +40,9 @@ __device__ __forceinline__ char* scratch(double* smem) { return reinterpret_cast
 // into shared memory work_bytes into the scratch when stage (the kernels that walk them
 // in every phase).  Then it waits for the kernel before it (launch_solve launches with
 // PDL, so that this prologue's static reads overlap that kernel: the loads and the
-// outputs only from here on), and lets the next kernel in (Planner.run's map kernel).
+// outputs only from here on), and lets the next kernel in (Planner.run's map kernel),
+// in that order: the map reads the count stage's output before its own wait
+// (map_tokens' after_solve), which is complete only once this wait has returned.
 __device__ __forceinline__ View begin_solve(const blk::Team& team, const CompArrays& a, double* smem, bool stage,
                                             size_t work_bytes) {
   const View g = View::of(a, static_cast<int>(blockIdx.x));

@@ -11,8 +11,11 @@
 // The rule that keeps it correct: before pdl_wait(), a kernel launched this way reads
 // nothing that a kernel launched just before it may write, and writes nothing any
 // earlier kernel still reads.  Every thread calls pdl_wait() (also the ones that exit
-// early), so the kernel ends after its predecessor.  On devices before sm_90 the
-// launch is an ordinary one and both device calls compile to nothing.
+// early), so the kernel ends after its predecessor.  What kernels further back wrote
+// may be read before pdl_wait() only where the kernel just before lets it in after its
+// own pdl_wait() (or at its end): the solve kernels do, and the map kernel relies on
+// it in Planner.run (map_tokens' after_solve).  On devices before sm_90 the launch is
+// an ordinary one and both device calls compile to nothing.
 #pragma once
 
 #include <cuda_runtime.h>

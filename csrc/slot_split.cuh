@@ -141,7 +141,8 @@ __device__ __forceinline__ void component_split(const CompArrays& a, int c, cons
 
 // A block at or past n_comp: the rows of the experts that cannot move (fixed_rows), one
 // expert per thread, over blocks n_comp .. gridDim.x - 1.  Waits for the kernel before
-// it like the component blocks (the loads are its output in Planner.run).
+// it like the component blocks (the loads are its output in Planner.run), and lets
+// the map kernel in only then (see begin_solve).
 template <typename T>
 __device__ __forceinline__ void fixed_split(const SlotSplit& s, const T* loads, int n_comp) {
   pdl_wait();
