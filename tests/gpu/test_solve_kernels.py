@@ -296,6 +296,22 @@ def test_run_is_deterministic_and_counts_avail():
     assert int(counter) == 2 * planner.n_group
 
 
+def _captured_run(planner, static_idx, counter=None):
+    """``planner.run(static_idx, counter)`` captured in a CUDA graph after three eager
+    calls on a side stream (torch's warm-up before a capture); returns the graph and
+    the captured output."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            planner.run(static_idx)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = planner.run(static_idx, counter)
+    return graph, static_out
+
+
 def test_run_captured_in_cuda_graph_replays_with_new_ids():
     prof = torch.rand(256, generator=torch.Generator().manual_seed(0), dtype=torch.float64) ** 2
     from lplb_plugin.placement import rebalance_experts
@@ -306,15 +322,7 @@ def test_run_captured_in_cuda_graph_replays_with_new_ids():
     gen = torch.Generator().manual_seed(9)
     static_idx = _idx(gen, 4096).cuda()
     counter = torch.zeros((), dtype=torch.int64, device="cuda")
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            planner.run(static_idx)
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_out = planner.run(static_idx, counter)
+    graph, static_out = _captured_run(planner, static_idx, counter)
     for _ in range(3):
         new = _idx(gen, 4096)
         static_idx.copy_(new.cuda())
@@ -336,15 +344,7 @@ def test_run_map_counts_while_the_solve_runs(tokens, n_logical):
     planner = Planner(topology.cube(), n_logical + 64, n_logical, ep_size=32)
     gen = torch.Generator().manual_seed(11)
     static_idx = _idx(gen, tokens, n_logical).cuda()
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            planner.run(static_idx)
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_out = planner.run(static_idx)
+    graph, static_out = _captured_run(planner, static_idx)
     n_chunks = torch.cuda.get_device_properties(0).multi_processor_count
     l2p = planner.log2phy.cuda()
     for _ in range(3):
