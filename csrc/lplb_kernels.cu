@@ -160,7 +160,8 @@ __global__ void __launch_bounds__(kThreads) map_kernel(const void* idx, bool is6
   MapSmem::layout(&m, smem_map, n_logical, max_copies, kStage);
   const int64_t c = blockIdx.x;
   for (int64_t q = threadIdx.x; q < kWarps * n_logical; q += blockDim.x) m.hist[q] = 0;
-  // launched with launch_pdl: without after_solve, every input may come from the kernel before
+  // without after_solve an ordinary launch (the wait is then a no-op), kept so that
+  // the kernel stays correct as a dependent launch either way
   if (!after_solve) pdl_wait();
   __syncthreads();
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -265,8 +266,19 @@ cudaError_t map_tokens(const void* idx, bool idx_is_64, int64_t n, int64_t n_log
   const size_t smem = MapSmem::layout(nullptr, nullptr, n_logical, max_copies, stage);
   auto kernel = stage ? map_kernel<true> : map_kernel<false>;
   if (cudaError_t err = allow_smem(kernel, smem); err != cudaSuccess) return err;
-  return launch_pdl(kernel, static_cast<unsigned>(n_chunks), kThreads, smem, stream, idx, idx_is_64, n, n_logical,
-                    n_chunks, prefix, counts, cum_frac, log2phy, max_copies, out, after_solve);
+  if (after_solve)
+    return launch_pdl(kernel, static_cast<unsigned>(n_chunks), kThreads, smem, stream, idx, idx_is_64, n, n_logical,
+                      n_chunks, prefix, counts, cum_frac, log2phy, max_copies, out, after_solve);
+  // An early launch gains nothing when the map must wait before reading anything, and
+  // behind count_tokens (whose scan lets its dependents in at its start) it cost much:
+  // the map's blocks then sat waiting through the histogram and the scan, and count +
+  // map took 20.9-21.9 us instead of 12.6-13.2 at 16384 tokens x 8, and 10.0-10.7
+  // instead of 9.3-9.5 at 4096 (H200, graph replays; docs/benchmarks.md).  Why waiting
+  // blocks cost that much is not established.
+  kernel<<<static_cast<unsigned>(n_chunks), kThreads, smem, stream>>>(idx, idx_is_64, n, n_logical, n_chunks, prefix,
+                                                                     counts, cum_frac, log2phy, max_copies, out,
+                                                                     after_solve);
+  return cudaGetLastError();
 }
 
 }  // namespace lplb

@@ -30,13 +30,14 @@ cudaError_t count_tokens(const void* idx, bool idx_is_64, int64_t n, int64_t n_l
 // Other entries become -1.  out has idx's dtype.  Deterministic (no atomics decide
 // which token moves).  No host sync.
 //
-// The kernel is a programmatic dependent launch (pdl.cuh).  after_solve = true is a
-// promise that the kernel launched just before it on this stream is solve_split's:
-// those let their dependents in only after their own inputs are complete, so idx,
-// prefix and counts are then complete too, and the kernel counts its chunk while the
-// solve still runs (also copying log2phy and counts to shared memory where 48 KiB
-// allow), waiting only before it reads cum_frac.  With false it waits before reading
-// anything (any kernel may precede it).
+// after_solve = true is a promise that the kernel launched just before it on this
+// stream is solve_split's: those let their dependents in only after their own inputs
+// are complete, so idx, prefix and counts are then complete too, and the kernel, a
+// programmatic dependent launch (pdl.cuh), counts its chunk while the solve still runs
+// (also copying log2phy and counts to shared memory where 48 KiB allow), waiting only
+// before it reads cum_frac.  With false it is an ordinary launch (any kernel may
+// precede it): launched early behind count_tokens, count + map took 21 us instead of
+// 12.7 at 131072 entries (H200).
 cudaError_t map_tokens(const void* idx, bool idx_is_64, int64_t n, int64_t n_logical,
                        int64_t n_chunks, const int32_t* prefix, const int32_t* counts,
                        const double* cum_frac, const int64_t* log2phy, int64_t max_copies,

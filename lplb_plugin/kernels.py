@@ -126,8 +126,9 @@ def map_tokens(
     ``after_solve=True`` only when the last kernel launched on the current stream is
     :meth:`DeviceSolver.solve`'s (as in :meth:`Planner.run`): the map kernel then counts
     its part of ``idx`` while the solve still runs, and waits for the solve only to
-    read ``cum_frac``.  With the default it waits before reading anything, whatever ran
-    before it.  The result is the same either way."""
+    read ``cum_frac``.  With the default it is an ordinary launch: it starts once the
+    kernels before it have ended, whatever they were.  The result is the same either
+    way."""
     return get().map(idx, prefix, counts, cum_frac, log2phy, after_solve)
 
 
