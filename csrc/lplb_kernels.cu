@@ -262,23 +262,21 @@ cudaError_t map_tokens(const void* idx, bool idx_is_64, int64_t n, int64_t n_log
   if (n == 0) return cudaSuccess;
   // staging log2phy and counts is worth a little latency, not an opt-in to large
   // shared memory (fewer blocks per SM)
-  const bool stage = after_solve && MapSmem::layout(nullptr, nullptr, n_logical, max_copies, true) <= 48 * 1024;
-  const size_t smem = MapSmem::layout(nullptr, nullptr, n_logical, max_copies, stage);
+  const size_t staged = MapSmem::layout(nullptr, nullptr, n_logical, max_copies, true);
+  const bool stage = after_solve && staged <= 48 * 1024;
+  const size_t smem = stage ? staged : MapSmem::layout(nullptr, nullptr, n_logical, max_copies, false);
   auto kernel = stage ? map_kernel<true> : map_kernel<false>;
   if (cudaError_t err = allow_smem(kernel, smem); err != cudaSuccess) return err;
-  if (after_solve)
-    return launch_pdl(kernel, static_cast<unsigned>(n_chunks), kThreads, smem, stream, idx, idx_is_64, n, n_logical,
-                      n_chunks, prefix, counts, cum_frac, log2phy, max_copies, out, after_solve);
-  // An early launch gains nothing when the map must wait before reading anything, and
-  // behind count_tokens (whose scan lets its dependents in at its start) it cost much:
-  // the map's blocks then sat waiting through the histogram and the scan, and count +
-  // map took 20.9-21.9 us instead of 12.6-13.2 at 16384 tokens x 8, and 10.0-10.7
-  // instead of 9.3-9.5 at 4096 (H200, graph replays; docs/benchmarks.md).  Why waiting
-  // blocks cost that much is not established.
-  kernel<<<static_cast<unsigned>(n_chunks), kThreads, smem, stream>>>(idx, idx_is_64, n, n_logical, n_chunks, prefix,
-                                                                     counts, cum_frac, log2phy, max_copies, out,
-                                                                     after_solve);
-  return cudaGetLastError();
+  // A dependent launch only after a solve.  Otherwise the map waits before reading
+  // anything, so an early launch gains nothing, and behind count_tokens (whose scan
+  // lets its dependents in at its start) it cost much: the map's blocks then sat
+  // waiting through the histogram and the scan, and count + map took 20.9-21.9 us
+  // instead of 12.6-13.2 at 16384 tokens x 8, and 10.0-10.7 instead of 9.3-9.5 at 4096
+  // (H200, graph replays; docs/benchmarks.md).  Why waiting blocks cost that much is
+  // not established.
+  return launch_maybe_pdl(after_solve, kernel, static_cast<unsigned>(n_chunks), kThreads, smem, stream, idx,
+                          idx_is_64, n, n_logical, n_chunks, prefix, counts, cum_frac, log2phy, max_copies, out,
+                          after_solve);
 }
 
 }  // namespace lplb

@@ -20,6 +20,8 @@
 
 #include <cuda_runtime.h>
 
+#include <utility>
+
 namespace lplb {
 
 __device__ __forceinline__ void pdl_trigger() {
@@ -48,10 +50,11 @@ inline bool pdl_supported() {
 }
 
 // kernel<<<grid, block, smem, stream>>>(args...), programmatically dependent on the
-// previous kernel of the stream where the device supports it.
+// previous kernel of the stream when `dependent` and the device supports it (an
+// ordinary launch otherwise).
 template <typename... Params, typename... Args>
-cudaError_t launch_pdl(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
-                       Args&&... args) {
+cudaError_t launch_maybe_pdl(bool dependent, void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem,
+                             cudaStream_t stream, Args&&... args) {
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = grid;
   cfg.blockDim = block;
@@ -61,8 +64,15 @@ cudaError_t launch_pdl(void (*kernel)(Params...), dim3 grid, dim3 block, size_t 
   attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
   attr[0].val.programmaticStreamSerializationAllowed = 1;
   cfg.attrs = attr;
-  cfg.numAttrs = pdl_supported() ? 1 : 0;
+  cfg.numAttrs = dependent && pdl_supported() ? 1 : 0;
   return cudaLaunchKernelEx(&cfg, kernel, static_cast<Params>(args)...);
+}
+
+// launch_maybe_pdl, dependent.
+template <typename... Params, typename... Args>
+cudaError_t launch_pdl(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+                       Args&&... args) {
+  return launch_maybe_pdl(true, kernel, grid, block, smem, stream, std::forward<Args>(args)...);
 }
 
 }  // namespace lplb
