@@ -267,13 +267,8 @@ cudaError_t map_tokens(const void* idx, bool idx_is_64, int64_t n, int64_t n_log
   const size_t smem = stage ? staged : MapSmem::layout(nullptr, nullptr, n_logical, max_copies, false);
   auto kernel = stage ? map_kernel<true> : map_kernel<false>;
   if (cudaError_t err = allow_smem(kernel, smem); err != cudaSuccess) return err;
-  // A dependent launch only after a solve.  Otherwise the map waits before reading
-  // anything, so an early launch gains nothing, and behind count_tokens (whose scan
-  // lets its dependents in at its start) it cost much: the map's blocks then sat
-  // waiting through the histogram and the scan, and count + map took 20.9-21.9 us
-  // instead of 12.6-13.2 at 16384 tokens x 8, and 10.0-10.7 instead of 9.3-9.5 at 4096
-  // (H200, graph replays; docs/benchmarks.md).  Why waiting blocks cost that much is
-  // not established.
+  // A dependent launch only after a solve (why: lplb_kernels.h; the figures:
+  // docs/benchmarks.md, "The map as an ordinary launch after the count").
   return launch_maybe_pdl(after_solve, kernel, static_cast<unsigned>(n_chunks), kThreads, smem, stream, idx,
                           idx_is_64, n, n_logical, n_chunks, prefix, counts, cum_frac, log2phy, max_copies, out,
                           after_solve);

@@ -36,8 +36,11 @@ cudaError_t count_tokens(const void* idx, bool idx_is_64, int64_t n, int64_t n_l
 // programmatic dependent launch (pdl.cuh), counts its chunk while the solve still runs
 // (also copying log2phy and counts to shared memory where 48 KiB allow), waiting only
 // before it reads cum_frac.  With false it is an ordinary launch (any kernel may
-// precede it): launched early behind count_tokens, count + map took 21 us instead of
-// 12.7 at 131072 entries (H200).
+// precede it): it then waits before reading anything, so an early launch gains
+// nothing, and behind count_tokens (whose scan lets its dependents in at its start)
+// its blocks sat waiting through the histogram and the scan: count + map took 21 us
+// instead of 12.7 at 131072 entries (H200; why waiting blocks cost that much is not
+// established).
 cudaError_t map_tokens(const void* idx, bool idx_is_64, int64_t n, int64_t n_logical,
                        int64_t n_chunks, const int32_t* prefix, const int32_t* counts,
                        const double* cum_frac, const int64_t* log2phy, int64_t max_copies,
