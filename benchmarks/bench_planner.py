@@ -7,8 +7,8 @@ cube EP32 (8x2), hypercube EP16 (16x2), torus EP32 (8x4), cube EP64, EPLB EP32 w
 once, replayed 200 times after warm-up):
 
 - ``solve_exact_us`` / ``solve_ipm_us``: the solve kernel (one block per connected
-  component) plus the small kernel turning its flow into per-slot shares; the IPM
-  at the default ``tol`` (1e-6, relative duality gap);
+  component; it also writes the per-slot shares); the IPM at the default ``tol``
+  (1e-6, relative duality gap);
 - ``solve_ipm_tol1e5_us``, ``ipm_tol1e5_gap``, ``ipm_tol1e5_iters_max``: the IPM
   stopped at ``tol`` 1e-5, the accuracy of the issue's IPM target (gap <= 1e-5);
 - ``solve_exact_block_us`` / ``solve_ipm_block_us``: the same with the block kernels
@@ -17,6 +17,10 @@ once, replayed 200 times after warm-up):
 - ``run_graph_us``: ``Planner.run`` captured whole (count + solve + map; no group, so
   no communication);
 - ``ipm_gap``: relative distance of the IPM kernel's max load from the exact optimum;
+- ``graph_floor``: what the timing method costs by itself: a graph of one
+  one-element kernel replayed the same way (``one_kernel_graph_us``: each figure
+  above includes a replay's launch), and that kernel 20 times in one graph, per
+  kernel (``per_kernel_in_graph_us``: a kernel node among others);
 - ``first_attempt_fails``: the exact solve on the cube EP32 batches of the profile
   (layers 3 and 50, 16384 tokens per rank) whose first certification attempt fails,
   so that a second round runs (the solver's slow path).
@@ -111,6 +115,21 @@ def graph_time(fn, reps: int = 200) -> float:
     return event_time(g.replay, reps)
 
 
+def graph_floor() -> dict:
+    """Replay cost of graphs of a trivial kernel, in us: one kernel per graph (the floor
+    under every figure here: each replays one graph), and per kernel in a graph of 20."""
+    x = torch.zeros(1, device="cuda")
+
+    def twenty() -> None:
+        for _ in range(20):
+            x.add_(1.0)
+
+    return {
+        "one_kernel_graph_us": round(graph_time(lambda: x.add_(1.0)), 2),
+        "per_kernel_in_graph_us": round(graph_time(twenty) / 20, 2),
+    }
+
+
 def main() -> None:
     if not torch.cuda.is_available():
         print(json.dumps({"benchmark": "planner", "skipped": "needs CUDA"}))
@@ -187,7 +206,7 @@ def main() -> None:
             rows.append(row)
     print(json.dumps({
         "benchmark": "planner", "gpu": torch.cuda.get_device_name(0), "torch": torch.__version__,
-        "kernels": ext is not None, "n_sms": n_sms, "rows": rows,
+        "kernels": ext is not None, "n_sms": n_sms, "graph_floor": graph_floor(), "rows": rows,
         "first_attempt_fails": first_attempt_fails(planners, prof) if ext is not None else [],
     }))
 
