@@ -17,10 +17,10 @@ once, replayed 200 times after warm-up):
 - ``run_graph_us``: ``Planner.run`` captured whole (count + solve + map; no group, so
   no communication);
 - ``ipm_gap``: relative distance of the IPM kernel's max load from the exact optimum;
-- ``graph_floor``: what the timing method costs by itself: a graph of one
-  one-element kernel replayed the same way (``one_kernel_graph_us``: each figure
-  above includes a replay's launch), and that kernel 20 times in one graph, per
-  kernel (``per_kernel_in_graph_us``: a kernel node among others);
+- ``graph_floor``: what the timing method costs by itself: a graph of one kernel
+  on a one-element tensor replayed the same way (``one_kernel_graph_us``: no figure
+  above can read lower), and that kernel 20 times in one graph, per kernel
+  (``per_kernel_in_graph_us``: a kernel node among others);
 - ``first_attempt_fails``: the exact solve on the cube EP32 batches of the profile
   (layers 3 and 50, 16384 tokens per rank) whose first certification attempt fails,
   so that a second round runs (the solver's slow path).
